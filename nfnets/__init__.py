@@ -1,0 +1,1 @@
+"""Normalizer-Free ResNets (Brock, De & Smith, ICLR 2021) in JAX/Haiku."""

@@ -1,0 +1,180 @@
+"""Layers shared by every model: convolutions, squeeze-excite, stochastic depth."""
+
+from typing import Sequence
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def standardize_weight(weight: jax.Array, gain: jax.Array,
+                       eps: float) -> jax.Array:
+  """Scaled Weight Standardization of an HWIO kernel.
+
+  W_hat = gain * (W - mean) / sqrt(max(fan_in * var, eps)), with mean and var
+  over each output channel's fan-in (axes H, W, I), so every output channel
+  has mean 0 and fan_in * Var(W_hat) = gain^2.
+
+  Args:
+    weight: [kh, kw, in_channels // groups, out_channels] float32.
+    gain: [out_channels] float32.
+    eps: floor on fan_in * var (the reference code's semantics: a floor, not an
+      additive epsilon). It only matters for kernels that are (nearly)
+      constant over their fan-in, which it keeps finite.
+
+  Returns:
+    The standardized kernel, float32, same shape as weight.
+  """
+  fan_in = weight.shape[0] * weight.shape[1] * weight.shape[2]
+  mean = jnp.mean(weight, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(weight, axis=(0, 1, 2), keepdims=True)
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  return (weight - mean) * scale
+
+
+class WSConv2D(hk.Module):
+  """2D convolution with Scaled Weight Standardization (NHWC in and out).
+
+  Parameters (always float32, whatever the input dtype): `w` [kh, kw,
+  C_in / groups, C_out] with He-normal init (its scale cancels in the
+  standardization), `gain` [C_out] init 1, `bias` [C_out] init 0. The
+  convolution runs in the input's dtype.
+  """
+
+  def __init__(self, output_channels: int,
+               kernel_shape: int | Sequence[int] = 3,
+               stride: int | Sequence[int] = 1,
+               padding: str = 'SAME',
+               feature_group_count: int = 1,
+               eps: float = 1e-4,
+               name: str | None = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = _pair(kernel_shape)
+    self.stride = _pair(stride)
+    self.padding = padding
+    self.feature_group_count = feature_group_count
+    self.eps = eps
+
+  def standardized_weight(self, in_channels: int) -> jax.Array:
+    if in_channels % self.feature_group_count:
+      raise ValueError(
+          f'{in_channels} input channels are not divisible by '
+          f'feature_group_count={self.feature_group_count}.')
+    shape = (*self.kernel_shape, in_channels // self.feature_group_count,
+             self.output_channels)
+    w_init = hk.initializers.VarianceScaling(2.0, 'fan_in', 'normal')
+    weight = hk.get_parameter('w', shape, jnp.float32, init=w_init)
+    gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
+                            init=jnp.ones)
+    return standardize_weight(weight, gain, self.eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, C_in] -> [N, H', W', C_out], in x.dtype."""
+    weight = self.standardized_weight(x.shape[-1]).astype(x.dtype)
+    bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
+                            init=jnp.zeros)
+    out = jax.lax.conv_general_dilated(
+        x, weight, window_strides=self.stride, padding=self.padding,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=self.feature_group_count)
+    return out + bias.astype(x.dtype)
+
+
+class Conv2D(hk.Module):
+  """Plain 2D convolution (NHWC) with Gaussian init N(0, scale^2 * 2 / fan_in).
+
+  scale = 1 is He (Kaiming) normal init; Fixup passes its depth-dependent
+  scale, and scale = 0 gives a zero-initialized kernel. Parameters are float32;
+  the convolution runs in the input's dtype.
+  """
+
+  def __init__(self, output_channels: int,
+               kernel_shape: int | Sequence[int] = 3,
+               stride: int | Sequence[int] = 1,
+               padding: str = 'SAME',
+               feature_group_count: int = 1,
+               init_scale: float = 1.0,
+               with_bias: bool = False,
+               name: str | None = None):
+    super().__init__(name=name)
+    self.output_channels = output_channels
+    self.kernel_shape = _pair(kernel_shape)
+    self.stride = _pair(stride)
+    self.padding = padding
+    self.feature_group_count = feature_group_count
+    self.init_scale = init_scale
+    self.with_bias = with_bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, C_in] -> [N, H', W', C_out], in x.dtype."""
+    shape = (*self.kernel_shape, x.shape[-1] // self.feature_group_count,
+             self.output_channels)
+    if self.init_scale == 0:
+      w_init = jnp.zeros
+    else:
+      w_init = hk.initializers.VarianceScaling(
+          2.0 * self.init_scale**2, 'fan_in', 'normal')
+    weight = hk.get_parameter('w', shape, jnp.float32, init=w_init)
+    out = jax.lax.conv_general_dilated(
+        x, weight.astype(x.dtype), window_strides=self.stride,
+        padding=self.padding, dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=self.feature_group_count)
+    if self.with_bias:
+      bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
+                              init=jnp.zeros)
+      out = out + bias.astype(x.dtype)
+    return out
+
+
+def scalar_parameter(name: str, init_value: float, dtype) -> jax.Array:
+  """A learnable float32 scalar (skip gain, Fixup bias/multiplier), cast to dtype."""
+  value = hk.get_parameter(name, (), jnp.float32,
+                           init=hk.initializers.Constant(init_value))
+  return value.astype(dtype)
+
+
+class SqueezeExcite(hk.Module):
+  """Squeeze-and-excitation: x * 2 * sigmoid(MLP(mean_hw(x))).
+
+  The factor 2 keeps the variance of x roughly unchanged at init, where the
+  sigmoid sits near 1/2 (as in the reference code).
+  """
+
+  def __init__(self, hidden_channels: int, activation, name=None):
+    super().__init__(name=name)
+    self.hidden_channels = hidden_channels
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, C] -> [N, H, W, C]."""
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    hidden = self.activation(hk.Linear(self.hidden_channels, name='reduce')(pooled))
+    excite = jax.nn.sigmoid(hk.Linear(x.shape[-1], name='expand')(hidden))
+    return x * (2 * excite[:, None, None, :]).astype(x.dtype)
+
+
+def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool,
+                     scale_by_keep: bool) -> jax.Array:
+  """Zeroes whole examples of a residual branch output with prob. drop_rate.
+
+  Args:
+    x: [N, ...] residual-branch output.
+    drop_rate: probability of dropping, in [0, 1).
+    is_training: identity when False.
+    scale_by_keep: divide kept examples by (1 - drop_rate) so the expected
+      output matches evaluation (the reference code does not rescale).
+  """
+  if not is_training or drop_rate == 0:
+    return x
+  keep_rate = 1.0 - drop_rate
+  keep = jax.random.bernoulli(hk.next_rng_key(), keep_rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  x = x * keep.astype(x.dtype)
+  return x / jnp.asarray(keep_rate, x.dtype) if scale_by_keep else x

@@ -1,0 +1,327 @@
+"""Pre-activation bottleneck ResNets: NF-ResNet and its baselines, one code path.
+
+Models (config.name):
+  nf_resnet        x + alpha * skip_gain * f(x / beta), Scaled-WS convs and
+                   gamma-scaled activations (or plain He-init convs with
+                   use_scaled_ws=False, the paper's "NF, He init" ablation).
+  bn_resnet        BatchNorm ResNetV2; bn_order 'bn_relu_conv' (He et al.
+                   2016) or 'relu_bn_conv' (the paper's preferred ordering).
+  skipinit_resnet  unnormalized, x + skip_gain * f(x), skip gain init 0.
+  fixup_resnet     unnormalized, scalar biases around every conv and
+                   activation, a scalar multiplier per branch, last conv of
+                   each branch zero, other convs scaled by L^(-1/(2m-2)).
+
+All share the stem (7x7/2 conv + 3x3/2 max-pool), the block layout
+(pre-activation bottleneck, ratio 1/4, stride on the 3x3 conv, 1x1 shortcut
+conv on transition blocks fed the pre-activated input) and the head
+(pre-activation, global average pool, dropout, linear).
+"""
+
+import dataclasses
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from nfnets import activations
+from nfnets import layers
+
+MODELS = ('nf_resnet', 'bn_resnet', 'skipinit_resnet', 'fixup_resnet')
+BN_ORDERS = ('bn_relu_conv', 'relu_bn_conv')
+VARIANTS = {
+    'ResNet26': (2, 2, 2, 2),
+    'ResNet50': (3, 4, 6, 3),
+    'ResNet101': (3, 4, 23, 3),
+    'ResNet152': (3, 8, 36, 3),
+    'ResNet200': (3, 24, 36, 3),
+    'ResNet288': (24, 24, 24, 24),
+    'ResNet600': (50, 50, 50, 50),
+}
+STEM_CHANNELS = 64
+STAGE_CHANNELS = (256, 512, 1024, 2048)
+STAGE_STRIDES = (1, 2, 2, 2)
+BOTTLENECK_RATIO = 0.25
+# Stem conv stride 2, max-pool stride 2, then the stage strides.
+TOTAL_STRIDE = 4 * math.prod(STAGE_STRIDES)
+# Fixup: m = 3 convs per residual branch.
+_CONVS_PER_BRANCH = 3
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every model option with its default; the defaults build NF-ResNet-50."""
+  return ml_collections.ConfigDict(dict(
+      name='nf_resnet',          # one of MODELS
+      variant='ResNet50',        # a key of VARIANTS; or set depths
+      depths=(),                 # explicit blocks per stage; overrides variant
+      width=1.0,                 # multiplier on 64 / 256-512-1024-2048 channels
+      num_classes=1000,
+      activation='relu',         # a name in activations.ACTIVATIONS
+      # Multiplier on the activation. None: gamma(activation) with Scaled WS,
+      # 1 with plain He-init convs (whose factor 2 plays gamma's role).
+      activation_gamma=None,
+      alpha=0.2,                 # nf_resnet: residual-branch scale
+      skip_gain_init=0.0,        # nf/skipinit: 0 to train, 1 for SPPs
+      use_scaled_ws=True,        # nf_resnet: False = plain He-init convs
+      ws_eps=1e-4,               # floor on fan_in * Var(W)
+      use_se=False,              # squeeze-excite in every block
+      se_ratio=0.5,              # SE hidden channels / block output channels
+      stochastic_depth_rate=0.0, # rate of the last block; grows linearly
+      stochastic_depth_scale_by_keep=True,
+      dropout_rate=0.0,          # before the classifier
+      bn_order='bn_relu_conv',   # bn_resnet: one of BN_ORDERS
+      bn_decay=0.9,
+      bn_eps=1e-5,
+      # Mesh axis over which BatchNorm averages batch statistics (data
+      # parallel training); None for single-device use.
+      bn_axis_name=None,
+  ))
+
+
+def make_config(**overrides) -> ml_collections.ConfigDict:
+  config = default_config()
+  config.update(overrides)
+  return config
+
+
+def stage_depths(config) -> tuple[int, ...]:
+  return tuple(config.depths) if config.depths else VARIANTS[config.variant]
+
+
+def validate_config(config) -> None:
+  """Raises ValueError naming the bad value and what is allowed."""
+  if config.name not in MODELS:
+    raise ValueError(f'Unknown model {config.name!r}; allowed: {MODELS}.')
+  if not config.depths and config.variant not in VARIANTS:
+    raise ValueError(f'Unknown variant {config.variant!r}; allowed: '
+                     f'{tuple(VARIANTS)} (or set depths).')
+  depths = stage_depths(config)
+  if len(depths) != 4 or any(int(d) != d or d < 1 for d in depths):
+    raise ValueError(f'depths must be 4 positive integers, got {depths}.')
+  activations.canonical_name(config.activation)
+  if config.activation_gamma is not None and not config.activation_gamma > 0:
+    raise ValueError(
+        f'activation_gamma must be > 0 (or None), got {config.activation_gamma}.')
+  if not config.alpha > 0:
+    raise ValueError(f'alpha must be > 0, got {config.alpha}.')
+  if not config.width > 0:
+    raise ValueError(f'width must be > 0, got {config.width}.')
+  if not (isinstance(config.num_classes, int) and config.num_classes >= 1):
+    raise ValueError(f'num_classes must be an integer >= 1, got '
+                     f'{config.num_classes}.')
+  for field in ('stochastic_depth_rate', 'dropout_rate'):
+    rate = config[field]
+    if not 0 <= rate < 1:
+      raise ValueError(f'{field} must be in [0, 1), got {rate}.')
+  if config.bn_order not in BN_ORDERS:
+    raise ValueError(f'Unknown bn_order {config.bn_order!r}; allowed: '
+                     f'{BN_ORDERS}.')
+  if not config.se_ratio > 0:
+    raise ValueError(f'se_ratio must be > 0, got {config.se_ratio}.')
+
+
+def check_image_size(config, height: int, width: int | None = None) -> None:
+  """Raises ValueError if the image is smaller than the total stride (32)."""
+  del config  # Every model has the same stride pattern.
+  for size in (height, height if width is None else width):
+    if size < TOTAL_STRIDE:
+      raise ValueError(
+          f'Image size {size} px is too small: the network downsamples by '
+          f'{TOTAL_STRIDE}, so images must be at least {TOTAL_STRIDE} px.')
+
+
+def scaled_channels(channels: int, width: float) -> int:
+  return max(1, int(round(channels * width)))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """Static layout of one residual block."""
+  index: int             # 0-based over the whole network
+  stage: int             # 0-based
+  in_channels: int
+  out_channels: int
+  bottleneck_channels: int
+  stride: int
+  is_transition: bool    # stride > 1 or channel change: 1x1 shortcut conv
+  is_stage_end: bool
+  expected_std: float    # nf_resnet beta: analytic std of the block input
+  drop_rate: float       # stochastic depth rate of this block
+
+
+def block_plan(config) -> list[BlockSpec]:
+  """Every residual block of the network, in order, with its expected std.
+
+  The expected variance is 1 after the stem, grows by alpha^2 per block, and
+  is 1 + alpha^2 after a transition block (whose shortcut sees x / beta).
+  """
+  depths = stage_depths(config)
+  num_blocks = sum(depths)
+  in_channels = scaled_channels(STEM_CHANNELS, config.width)
+  expected_var = 1.0
+  plan = []
+  for stage, (depth, channels, stride) in enumerate(
+      zip(depths, STAGE_CHANNELS, STAGE_STRIDES)):
+    out_channels = scaled_channels(channels, config.width)
+    for i in range(depth):
+      block_stride = stride if i == 0 else 1
+      is_transition = block_stride > 1 or in_channels != out_channels
+      index = len(plan)
+      plan.append(BlockSpec(
+          index=index, stage=stage, in_channels=in_channels,
+          out_channels=out_channels,
+          bottleneck_channels=max(1, int(out_channels * BOTTLENECK_RATIO)),
+          stride=block_stride, is_transition=is_transition,
+          is_stage_end=(i == depth - 1), expected_std=math.sqrt(expected_var),
+          drop_rate=config.stochastic_depth_rate * index / num_blocks))
+      expected_var = (1.0 if is_transition else expected_var) + config.alpha**2
+      in_channels = out_channels
+  return plan
+
+
+def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x: [N, H, W, C] -> (average channel squared mean, average channel var)."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.var(x, axis=(0, 1, 2))
+  return jnp.mean(mean**2), jnp.mean(var)
+
+
+class ResNet(hk.Module):
+  """A pre-activation bottleneck ResNet of any kind in MODELS.
+
+  Call with images [N, H, W, 3] (any float dtype; the network runs in it) and
+  is_training; returns logits [N, num_classes] in float32, plus with
+  return_stats=True a dict of signal statistics, all float32:
+    'squared_mean', 'variance': [num_blocks + 1], the average channel squared
+      mean and average channel variance of the stem output (entry 0) and of
+      every block's output after the addition;
+    'residual_variance': [num_blocks], the average channel variance of every
+      residual branch's output before stochastic depth, skip gain and alpha.
+  Statistics are over the local batch (N, H, W).
+  """
+
+  def __init__(self, config, name: str | None = None):
+    super().__init__(name=name)
+    validate_config(config)
+    self.config = config
+    self.plan = block_plan(config)
+    self.kind = config.name
+    self.scaled_ws = self.kind == 'nf_resnet' and config.use_scaled_ws
+    gain = config.activation_gamma
+    if gain is None and not self.scaled_ws:
+      gain = 1.0
+    self.activation = activations.get_activation(config.activation, gain)
+    self.fixup_scale = len(self.plan) ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
+
+  def _conv(self, channels, kernel, stride=1, *, name, is_last=False):
+    if self.scaled_ws:
+      return layers.WSConv2D(channels, kernel, stride, eps=self.config.ws_eps,
+                             name=name)
+    init_scale = 1.0
+    if self.kind == 'fixup_resnet' and 'block' in name:
+      init_scale = 0.0 if is_last else self.fixup_scale
+    return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
+                         with_bias=self.kind == 'nf_resnet', name=name)
+
+  def _batch_norm(self, x, is_training, name):
+    # Statistics and parameters in float32 whatever the compute dtype.
+    config = self.config
+    out = hk.BatchNorm(
+        create_scale=True, create_offset=True, decay_rate=config.bn_decay,
+        eps=config.bn_eps, cross_replica_axis=config.bn_axis_name,
+        name=name)(x.astype(jnp.float32), is_training=is_training)
+    return out.astype(x.dtype)
+
+  def _preactivate(self, x, is_training, name):
+    """Normalization (bn_resnet) and nonlinearity in front of every conv."""
+    if self.kind == 'bn_resnet':
+      if self.config.bn_order == 'bn_relu_conv':
+        return self.activation(self._batch_norm(x, is_training, name))
+      return self._batch_norm(self.activation(x), is_training, name)
+    if self.kind == 'fixup_resnet':
+      x = x + layers.scalar_parameter(f'{name}_bias_in', 0.0, x.dtype)
+      x = self.activation(x)
+      return x + layers.scalar_parameter(f'{name}_bias_out', 0.0, x.dtype)
+    return self.activation(x)
+
+  def _block(self, x, spec: BlockSpec, is_training):
+    """x: [N, H, W, C_in] -> (output, residual-branch output before scaling)."""
+    name = f'block{spec.index}'
+    config = self.config
+    if self.kind == 'nf_resnet':
+      x_in = x / jnp.asarray(spec.expected_std, x.dtype)
+    else:
+      x_in = x
+    h = self._preactivate(x_in, is_training, f'{name}_preact0')
+    shortcut = x
+    if spec.is_transition:
+      shortcut = self._conv(spec.out_channels, 1, spec.stride,
+                            name=f'{name}_shortcut')(h)
+    out = self._conv(spec.bottleneck_channels, 1, name=f'{name}_conv0')(h)
+    out = self._preactivate(out, is_training, f'{name}_preact1')
+    out = self._conv(spec.bottleneck_channels, 3, spec.stride,
+                     name=f'{name}_conv1')(out)
+    out = self._preactivate(out, is_training, f'{name}_preact2')
+    out = self._conv(spec.out_channels, 1, name=f'{name}_conv2',
+                     is_last=True)(out)
+    if config.use_se:
+      hidden = max(1, int(spec.out_channels * config.se_ratio))
+      out = layers.SqueezeExcite(hidden, self.activation, name=f'{name}_se')(out)
+    branch = out
+    out = layers.stochastic_depth(out, spec.drop_rate, is_training,
+                                  config.stochastic_depth_scale_by_keep)
+    if self.kind in ('nf_resnet', 'skipinit_resnet'):
+      out = out * layers.scalar_parameter(f'{name}_skip_gain', config.skip_gain_init,
+                                          out.dtype)
+    if self.kind == 'nf_resnet':
+      out = out * jnp.asarray(config.alpha, out.dtype)
+    if self.kind == 'fixup_resnet':
+      out = out * layers.scalar_parameter(f'{name}_multiplier', 1.0, out.dtype)
+      out = out + layers.scalar_parameter(f'{name}_bias', 0.0, out.dtype)
+    return shortcut + out, branch
+
+  def __call__(self, images: jax.Array, is_training: bool,
+               return_stats: bool = False):
+    check_image_size(self.config, images.shape[1], images.shape[2])
+    config = self.config
+    x = self._conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
+                   name='stem_conv')(images)
+    x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
+                    padding='SAME')
+    stats = [_channel_stats(x)]
+    residual_variances = []
+    for spec in self.plan:
+      x, branch = self._block(x, spec, is_training)
+      if return_stats:
+        stats.append(_channel_stats(x))
+        residual_variances.append(_channel_stats(branch)[1])
+    x = self._preactivate(x, is_training, 'head_preact')
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    if is_training and config.dropout_rate > 0:
+      features = hk.dropout(hk.next_rng_key(), config.dropout_rate, features)
+    w_init = (jnp.zeros if self.kind == 'fixup_resnet'
+              else hk.initializers.RandomNormal(0.01))
+    logits = hk.Linear(config.num_classes, w_init=w_init, name='classifier')(
+        features)
+    if not return_stats:
+      return logits
+    squared_mean, variance = (jnp.stack(s) for s in zip(*stats))
+    return logits, dict(squared_mean=squared_mean, variance=variance,
+                        residual_variance=jnp.stack(residual_variances))
+
+
+def build(config) -> hk.TransformedWithState:
+  """Validates config and returns the transformed model.
+
+  init(rng, images, is_training) -> (params, state);
+  apply(params, state, rng, images, is_training, return_stats=False)
+    -> (logits or (logits, stats), new_state).
+  """
+  validate_config(config)
+
+  def forward(images, is_training, return_stats=False):
+    return ResNet(config, name='resnet')(images, is_training, return_stats)
+
+  return hk.transform_with_state(forward)
