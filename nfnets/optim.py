@@ -1,0 +1,72 @@
+"""Optimizer and loss of the training recipe, all from optax.
+
+SGD with Nesterov momentum, weight decay masked off gains, biases and
+scalars, linear warmup then cosine decay, learning rate scaled by
+batch / 256, optional adaptive gradient clipping (classifier excluded).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
+                           steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to 0.
+
+  Peak = base_learning_rate * batch_size / 256 when scale_by_batch_size.
+  """
+  peak = optim_config.base_learning_rate
+  if optim_config.scale_by_batch_size:
+    peak *= batch_size / 256
+  warmup_steps = int(round(optim_config.warmup_epochs * steps_per_epoch))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(key, 'key', key)) for key in path]
+
+
+def weight_decay_mask(params):
+  """True for conv and linear kernels (ndim > 1); False for gains, biases,
+  BatchNorm scales and offsets, skip gains and other scalars."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def agc_mask(params):
+  """AGC on everything but the classifier (paper: clipping it hurts)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any('classifier' in n for n in _path_names(path)),
+      params)
+
+
+def make_optimizer(optim_config, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
+  chain = []
+  if optim_config.agc_clipping:
+    chain.append(optax.masked(
+        optax.adaptive_grad_clip(optim_config.agc_clipping), agc_mask))
+  if optim_config.weight_decay:
+    chain.append(optax.add_decayed_weights(optim_config.weight_decay,
+                                           mask=weight_decay_mask))
+  chain.append(optax.sgd(schedule, momentum=optim_config.momentum,
+                         nesterov=optim_config.nesterov))
+  return optax.chain(*chain)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array,
+                        label_smoothing: float) -> jax.Array:
+  """Per-example cross entropy, float32. logits [N, K], labels int [N]."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """Per-example 1.0 if the label is among the k largest logits, [N]."""
+  k = min(k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)

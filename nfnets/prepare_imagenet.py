@@ -1,0 +1,83 @@
+"""Prepares imagenet2012 as tfds array_record from the manual download.
+
+  python -m nfnets.prepare_imagenet --manual_dir=DIR --data_dir=DIR
+
+DIR (manual) holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from
+image-net.org. The result is read by `tfds.data_source('imagenet2012')`.
+
+TensorFlow is not needed: tfds's imagenet2012 builder and its archive reader
+only touch `tf.io.gfile.exists`, `tf.io.gfile.GFile` and
+`tf.compat.as_text`, which this module provides to them for local paths
+(everything else in tfds's preparation is TensorFlow-free). The tars are
+checked before the (hours-long) conversion starts.
+"""
+
+import os
+import tarfile
+import types
+
+from absl import app
+from absl import flags
+
+TRAIN_TAR = 'ILSVRC2012_img_train.tar'
+VAL_TAR = 'ILSVRC2012_img_val.tar'
+
+
+def _local_tf_shim():
+  """The three TensorFlow functions tfds's ImageNet preparation calls."""
+  gfile = types.SimpleNamespace(exists=os.path.exists, GFile=open)
+  as_text = lambda x: x.decode('utf-8') if isinstance(x, bytes) else x
+  return types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
+                               compat=types.SimpleNamespace(as_text=as_text))
+
+
+def check_manual_dir(manual_dir: str) -> None:
+  """Raises FileNotFoundError / ValueError naming a missing or bad tar."""
+  for name, inner_suffix in ((TRAIN_TAR, '.tar'), (VAL_TAR, '.JPEG')):
+    path = os.path.join(manual_dir, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f'{path} not found: download {name} from image-net.org into '
+          f'{manual_dir}.')
+    try:
+      with tarfile.open(path) as archive:
+        first = archive.next()
+    except (tarfile.TarError, OSError) as e:
+      raise ValueError(f'{path} is not a readable tar archive: {e}') from e
+    if first is None or not first.name.endswith(inner_suffix):
+      raise ValueError(
+          f'{path} does not look like {name}: its first member is '
+          f'{first.name if first else "nothing"!r}, expected a '
+          f'"*{inner_suffix}" file.')
+
+
+def prepare(manual_dir: str, data_dir: str) -> str:
+  """Converts the tars into array_record under data_dir; returns its path."""
+  check_manual_dir(manual_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.download import extractor  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as builder_module  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet_common  # pylint: disable=g-import-not-at-top
+  shim = _local_tf_shim()
+  for module in (extractor, builder_module, imagenet_common):
+    module.tf = shim
+  builder = builder_module.Builder(data_dir=data_dir,
+                                   file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir))
+  return builder.data_dir
+
+
+_MANUAL_DIR = flags.DEFINE_string('manual_dir', None,
+                                  'Folder with the two ILSVRC2012 tars.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir to write.')
+
+
+def main(argv):
+  del argv
+  print(f'prepared: {prepare(_MANUAL_DIR.value, _DATA_DIR.value)}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['manual_dir', 'data_dir'])
+  app.run(main)

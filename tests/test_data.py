@@ -1,0 +1,187 @@
+"""Input pipelines: ImageNet prepared from tars in the real layout, MNIST, fake."""
+
+import hashlib
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import imagenet_fixtures
+from nfnets import data
+from nfnets import prepare_imagenet
+
+CORRUPT = 'n01443537_1.JPEG'
+
+
+@pytest.fixture(scope='module')
+def imagenet_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('imagenet')
+  imagenet_fixtures.write_manual_dir(str(root / 'manual'), per_class=4,
+                                     num_val=10, corrupt=CORRUPT)
+  prepare_imagenet.prepare(str(root / 'manual'), str(root / 'data'))
+  return str(root / 'data')
+
+
+def _imagenet_config(data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir=data_dir, image_size=64, augment=True,
+      eval_crop_fraction=0.875, num_classes=1000, num_workers=0))
+  config.update(overrides)
+  return config
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _digest(images):
+  return hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def test_prepared_imagenet_gives_augmented_uint8_batches(imagenet_dir):
+  config = _imagenet_config(imagenet_dir)
+  source = data.get_source(config, 'train')
+  assert len(source.records) == 12
+  assert len(data.get_source(config, 'validation').records) == 10
+  batch = next(data.train_iterator(config, 8, seed=0))
+  assert batch['images'].shape == (8, 64, 64, 3)
+  assert batch['images'].dtype == np.uint8
+  assert batch['labels'].dtype == np.int32
+  assert set(batch['labels']) <= {0, 1, 2}
+  # Real pixel content, not padding: full range and per-image variation.
+  assert batch['images'].min() < 30 and batch['images'].max() > 225
+  assert len({_digest(image) for image in batch['images']}) == 8
+
+
+def test_same_seed_same_batches_other_seed_differs(imagenet_dir):
+  config = _imagenet_config(imagenet_dir)
+  first = _take(data.train_iterator(config, 4, seed=1), 5)
+  again = _take(data.train_iterator(config, 4, seed=1), 5)
+  other = _take(data.train_iterator(config, 4, seed=2), 5)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a['images'], b['images'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+  assert any(not np.array_equal(a['images'], b['images'])
+             for a, b in zip(first, other))
+
+
+def test_resumed_iterator_sees_the_same_examples(imagenet_dir):
+  config = _imagenet_config(imagenet_dir)
+  iterator = data.train_iterator(config, 4, seed=3)
+  _take(iterator, 3)
+  state = iterator.get_state()
+  expected = _take(iterator, 6)  # crosses epoch boundaries
+  resumed = data.train_iterator(config, 4, seed=3)
+  resumed.set_state(state)
+  for a, b in zip(expected, _take(resumed, 6)):
+    np.testing.assert_array_equal(a['images'], b['images'])
+    np.testing.assert_array_equal(a['labels'], b['labels'])
+
+
+def _as_process(monkeypatch, index, count):
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+
+
+def test_processes_read_disjoint_training_shards(monkeypatch):
+  config = ml_collections.ConfigDict(dict(
+      name='fake', image_size=32, num_classes=5, augment=False,
+      fake_train_size=30, fake_eval_size=7, num_workers=0))
+  seen = []
+  for index in range(3):
+    _as_process(monkeypatch, index, 3)
+    # 10 examples per shard; 5 batches of 2 per process = one epoch.
+    batches = _take(data.train_iterator(config, 6, seed=0), 5)
+    seen.append({_digest(image) for b in batches for image in b['images']})
+  assert all(len(s) == 10 for s in seen)
+  assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+
+
+def test_eval_covers_every_example_exactly_once_with_padding(
+    imagenet_dir, monkeypatch):
+  config = _imagenet_config(imagenet_dir)
+  everything = []
+  batch_counts = []
+  for index in range(3):
+    _as_process(monkeypatch, index, 3)
+    batches = list(data.eval_batches(config, 'validation', 6))
+    batch_counts.append(len(batches))
+    for b in batches:
+      assert b['images'].shape == (2, 64, 64, 3)
+      everything += [_digest(image) for image, keep in
+                     zip(b['images'], b['mask']) if keep]
+  assert len(set(batch_counts)) == 1  # processes stay in lockstep
+  _as_process(monkeypatch, 0, 1)
+  single = [_digest(image) for b in data.eval_batches(config, 'validation', 4)
+            for image, keep in zip(b['images'], b['mask']) if keep]
+  assert len(single) == 10 and sorted(everything) == sorted(single)
+
+
+def test_corrupt_jpeg_is_skipped_and_counted(imagenet_dir):
+  config = _imagenet_config(imagenet_dir)
+  before = data.CorruptImageCounter.count
+  batches = _take(data.train_iterator(config, 6, seed=0), 6)  # 3 epochs
+  assert data.CorruptImageCounter.count > before
+  for b in batches:
+    assert b['images'].shape == (6, 64, 64, 3)
+  # Class 1 lost one of its 4 images: 11 distinct examples per epoch remain.
+  labels = np.concatenate([b['labels'] for b in batches])
+  assert np.sum(labels == 1) < np.sum(labels == 0)
+
+
+def test_eval_preprocessing_is_a_center_crop():
+  image = np.zeros((100, 200, 3), np.uint8)
+  image[:, 50:150] = 255  # the central square
+  config = ml_collections.ConfigDict(dict(image_size=32, augment=True,
+                                          eval_crop_fraction=1.0))
+  out = data.preprocess_eval({'image': image, 'label': 0}, config)
+  assert out.shape == (32, 32, 3) and out.min() == 255
+
+
+def test_random_resized_crop_respects_area_and_aspect():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, height, width = data.sample_crop_box(375, 500, rng)
+    assert 0 <= top and top + height <= 375 and 0 <= left and left + width <= 500
+    assert 0.079 <= height * width / (375 * 500) <= 1.0
+    assert 3 / 4 - 0.02 <= width / height <= 4 / 3 + 0.02
+  # Impossible aspect ratios fall back to the central square.
+  assert data.sample_crop_box(10, 1000, rng, aspect_range=(50, 60)) == (
+      0, 495, 10, 10)
+
+
+def test_missing_or_malformed_tars_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar not found'):
+    prepare_imagenet.check_manual_dir(str(tmp_path))
+  (tmp_path / 'ILSVRC2012_img_train.tar').write_bytes(b'not a tar' * 100)
+  (tmp_path / 'ILSVRC2012_img_val.tar').write_bytes(b'')
+  with pytest.raises(ValueError, match='ILSVRC2012_img_train.tar is not a readable tar'):
+    prepare_imagenet.check_manual_dir(str(tmp_path))
+
+
+def test_unprepared_dataset_says_how_to_prepare(tmp_path):
+  with pytest.raises(FileNotFoundError, match='python -m nfnets.prepare_imagenet'):
+    data.get_source(_imagenet_config(str(tmp_path)), 'train')
+
+
+def test_mnist_is_real_and_split_fixed():
+  config = ml_collections.ConfigDict(dict(name='mnist'))
+  train, test = data.get_source(config, 'train'), data.get_source(config, 'test')
+  assert len(train.records) == 4000 and len(test.records) == 1000
+  assert np.bincount(test.records.labels).tolist() == [100] * 10
+  train_digests = {_digest(im) for im in train.records.images}
+  assert not any(_digest(im) in train_digests for im in test.records.images)
+  image = train.records[0]['image']
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+
+
+def test_batch_not_divisible_by_devices(monkeypatch):
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  with pytest.raises(ValueError, match='Global batch size 12 is not divisible by the 8 devices'):
+    data.local_batch_size(12)
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="Unknown dataset 'cifar10'"):
+    data.get_source(ml_collections.ConfigDict(dict(name='cifar10')), 'train')

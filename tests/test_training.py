@@ -1,0 +1,216 @@
+"""experiment.py, train.py and eval.py on CPU, with real processes and devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import experiment
+from configs import quickstart
+from nfnets import checkpointing
+from nfnets import data
+from nfnets import metric_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [  # overrides for a few-second run of the quickstart config
+    '--config.train.steps=24', '--config.train.batch_size=32',
+    '--config.train.checkpoint_every_steps=6', '--config.train.log_every_steps=6',
+    '--config.train.eval_every_steps=12', '--config.model.dropout_rate=0.2',
+    '--config.model.stochastic_depth_rate=0.2', '--config.optim.ema_decay=0.9',
+]
+
+
+def _run(args, env=None, timeout=600, check=True):
+  result = subprocess.run([sys.executable, *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+  if check:
+    assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def _tiny_config(**train):
+  config = quickstart.get_config()
+  config.train.update(dict(steps=24, batch_size=32, eval_batch_size=200,
+                           checkpoint_every_steps=6, log_every_steps=6,
+                           eval_every_steps=12, **train))
+  config.model.update(dict(dropout_rate=0.2, stochastic_depth_rate=0.2))
+  config.optim.ema_decay = 0.9
+  return config
+
+
+def _final_params(workdir, config):
+  exp = experiment.Experiment(config)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  state, data_state = checkpointer.restore(checkpointer.latest_step(),
+                                           exp.abstract_state())
+  checkpointer.close()
+  return checkpointing.to_host(state), data_state
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+  import json, sys
+  import jax, numpy as np
+  sys.path.insert(0, '.')
+  import experiment
+  from configs import quickstart
+  from nfnets import data
+  assert jax.device_count() == 8, jax.devices()
+  result = {}
+  for name in ('nf_resnet', 'bn_resnet'):
+    config = quickstart.get_config()
+    config.model.name = name
+    config.train.batch_size = 32
+    config.train.steps = 10
+    source = data.get_source(config.data, 'train')
+    batches = [{'images': source.records.images[i * 32:(i + 1) * 32],
+                'labels': source.records.labels[i * 32:(i + 1) * 32]}
+               for i in range(2)]
+    params = []
+    for devices in (jax.devices(), jax.devices()[:1]):
+      exp = experiment.Experiment(config, devices=devices)
+      state = exp.init_state()
+      for batch in batches:
+        state, metrics = exp.train_step(state, batch)
+      params.append(jax.tree.map(np.asarray, state['params']))
+    worst = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+                for a, b in zip(jax.tree.leaves(params[0]),
+                                jax.tree.leaves(params[1])))
+    moved = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(params[0]))
+    result[name] = worst
+  try:
+    config.train.batch_size = 12
+    experiment.Experiment(config)
+    result['bad_batch'] = 'accepted'
+  except ValueError as e:
+    result['bad_batch'] = str(e)
+  print('RESULT' + json.dumps(result))
+''')
+
+
+def test_eight_devices_equal_one_device():
+  result = _run(['-c', MULTI_DEVICE_SCRIPT],
+                env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
+  values = json.loads(line[len('RESULT'):])
+  # Two SGD steps, BatchNorm statistics synchronized across the 8 devices.
+  assert values['nf_resnet'] < 1e-5, values
+  assert values['bn_resnet'] < 1e-5, values
+  assert 'not divisible by the 8 devices' in values['bad_batch']
+
+
+def test_loss_goes_down_on_real_digits():
+  config = quickstart.get_config()
+  config.train.update(dict(steps=40, batch_size=32))
+  exp = experiment.Experiment(config)
+  state = exp.init_state()
+  iterator = data.train_iterator(config.data, 32, 0, exp.train_source)
+  losses = []
+  for _ in range(40):
+    state, metrics = exp.train_step(state, next(iterator))
+    losses.append(float(metrics['loss']))
+  assert np.mean(losses[-8:]) < 0.6 * np.mean(losses[:8]), losses
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+  config = _tiny_config()
+  args = ['train.py', '--config=configs/quickstart.py', *TINY]
+  straight = str(tmp_path / 'straight')
+  _run([*args, f'--workdir={straight}'])
+
+  killed = str(tmp_path / 'killed')
+  process = subprocess.Popen([sys.executable, *args, f'--workdir={killed}'],
+                             cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  checkpoint_dir = os.path.join(killed, 'checkpoints')
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    steps = [d for d in os.listdir(checkpoint_dir) if d.isdigit()] if (
+        os.path.isdir(checkpoint_dir)) else []
+    if any(int(s) >= 12 for s in steps):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  interrupted_at = checkpointing.Checkpointer(killed).latest_step()
+  assert interrupted_at is not None and 12 <= interrupted_at < 24
+  resumed = _run([*args, f'--workdir={killed}'])
+  assert f'Resumed from' in resumed.stdout
+
+  (straight_state, straight_data), (killed_state, killed_data) = (
+      _final_params(straight, config), _final_params(killed, config))
+  assert straight_data == killed_data
+  assert int(killed_state['step']) == 24
+  for a, b in zip(jax.tree.leaves(straight_state), jax.tree.leaves(killed_state)):
+    np.testing.assert_array_equal(a, b)
+
+  # eval.py on the final checkpoint reproduces what training logged there.
+  logged = [m for m in metric_writer.read_metrics(straight)
+            if m['kind'] == 'eval' and m['step'] == 24][0]
+  _run(['eval.py', '--config=configs/quickstart.py', *TINY,
+        f'--workdir={straight}'])
+  with open(os.path.join(straight, 'eval_test_24.json')) as f:
+    evaluated = json.load(f)
+  for key in ('loss', 'top1', 'top5', 'ema_loss', 'ema_top1'):
+    assert evaluated[key] == pytest.approx(logged[key], rel=1e-5), key
+  assert evaluated['examples'] == 1000
+
+  # A checkpoint of another architecture is refused with what differs.
+  mismatch = _run(['eval.py', '--config=configs/quickstart.py', *TINY,
+                   '--config.model.width=0.25', f'--workdir={straight}'],
+                  check=False)
+  assert mismatch.returncode != 0
+  assert 'does not fit the configured model' in mismatch.stderr
+  assert 'different shapes' in mismatch.stderr
+
+
+def test_override_reaches_model_and_bad_override_fails(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _run(['train.py', '--config=configs/quickstart.py', *TINY,
+        '--config.train.steps=1', '--config.model.alpha=0.5',
+        f'--workdir={workdir}'])
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['model']['alpha'] == 0.5
+  bad = _run(['train.py', '--config=configs/quickstart.py',
+              '--config.model.alphaa=0.5', f'--workdir={workdir}'],
+             check=False)
+  assert bad.returncode != 0 and 'alphaa' in bad.stderr
+  bad = _run(['train.py', '--config=configs/quickstart.py',
+              '--config.model.alpha=-1', f'--workdir={workdir}'], check=False)
+  assert bad.returncode != 0 and 'alpha must be > 0, got -1' in bad.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'nan')
+  result = _run(['train.py', '--config=configs/quickstart.py', *TINY,
+                 '--config.train.checkpoint_every_steps=1',
+                 '--config.optim.base_learning_rate=1e30',
+                 f'--workdir={workdir}'], check=False)
+  assert result.returncode == 1
+  assert 'Training stopped: Loss is' in result.stderr
+  stopped_at = int(result.stderr.split(' at step ')[1].split(';')[0])
+  assert checkpointing.Checkpointer(workdir).latest_step() == stopped_at - 1
+
+
+def test_unwritable_workdir_and_unknown_dataset(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')
+  with pytest.raises(ValueError, match='Cannot create workdir'):
+    experiment.train_and_evaluate(_tiny_config(), str(blocker / 'run'))
+  config = _tiny_config()
+  config.data.name = 'cifar10'
+  with pytest.raises(ValueError, match="Unknown dataset 'cifar10'"):
+    experiment.Experiment(config)
+  config = _tiny_config()
+  config.data.name = 'imagenet2012'
+  config.data.data_dir = str(tmp_path / 'no_data')
+  config.model.num_classes = config.data.num_classes = 1000
+  with pytest.raises(FileNotFoundError, match='imagenet2012.*not prepared'):
+    experiment.Experiment(config).train_source  # pylint: disable=expression-not-assigned
