@@ -77,25 +77,23 @@ class Experiment:
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
     self.compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
 
-    model_config = copy.deepcopy(config.model)
-    model_config.bn_axis_name = None
-    # Same parameters; this one runs outside the mesh (init) and in eval
-    # mode, where BatchNorm needs no cross-device statistics.
-    self.model = resnet.build(model_config)
-    model_config.bn_axis_name = AXIS
-    self.train_model = resnet.build(model_config)
+    # Same parameters, two BatchNorm settings: statistics averaged over the
+    # mesh axis inside the train step; none outside the mesh (init) and in
+    # eval mode (which uses the moving averages).
+    local_config = copy.deepcopy(config.model)
+    local_config.bn_axis_name = None
+    self.model = resnet.build(local_config)
+    mesh_config = copy.deepcopy(config.model)
+    mesh_config.bn_axis_name = AXIS
+    self.train_model = resnet.build(mesh_config)
 
     self._train_source = None
     batch = config.train.batch_size
-    self.steps_per_epoch = None
-    self.total_steps = config.train.steps
-    if not self.total_steps:
-      self.steps_per_epoch = max(1, len(self.train_source.records) // batch)
-      self.total_steps = int(round(config.train.epochs * self.steps_per_epoch))
-    steps_per_epoch = self.steps_per_epoch or max(
-        1, self.total_steps // max(config.train.epochs, 1))
+    self.steps_per_epoch = max(1, len(self.train_source.records) // batch)
+    self.total_steps = config.train.steps or int(
+        round(config.train.epochs * self.steps_per_epoch))
     self.schedule = optim.learning_rate_schedule(
-        config.optim, batch, self.total_steps, steps_per_epoch)
+        config.optim, batch, self.total_steps, self.steps_per_epoch)
     self.optimizer = optim.make_optimizer(config.optim, self.schedule)
 
     self._train_step = jax.jit(jax.shard_map(
@@ -159,11 +157,13 @@ class Experiment:
           params, state['bn_state'], rng, images, is_training=True)
       loss = optim.classification_loss(
           logits, labels, config.optim.label_smoothing).mean()
-      return loss, (logits, bn_state)
+      # The global-batch mean. Differentiating it with respect to the
+      # replicated parameters gives the global gradient, already summed over
+      # the mesh by shard_map's transpose rules (no explicit pmean needed).
+      return jax.lax.pmean(loss, AXIS), (logits, bn_state)
 
     (loss, (logits, bn_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state['params'])
-    grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = self.optimizer.update(grads, state['opt_state'],
                                                state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -173,11 +173,11 @@ class Experiment:
                                             1 - config.optim.ema_decay)
     logits = logits.astype(jnp.float32)
     metrics = jax.lax.pmean(dict(
-        loss=loss,
         top1=optim.topk_correct(logits, labels, 1).mean(),
         top5=optim.topk_correct(logits, labels, 5).mean()), AXIS)
+    metrics['loss'] = loss
     metrics['learning_rate'] = self.schedule(state['step'])
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     new_state = dict(step=state['step'] + 1, params=params,
                      bn_state=jax.lax.pmean(bn_state, AXIS),
                      opt_state=opt_state, ema_params=ema_params,

@@ -52,7 +52,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
             cleanup_tmp_directories=True),
-        item_names=('state', 'data'))
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

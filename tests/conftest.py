@@ -1,9 +1,18 @@
+"""Test setup: import path, a shared XLA compilation cache, jit helpers."""
+
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Many tests (and their subprocesses, which inherit the environment) compile
+# the same tiny networks; XLA compilation dominates the suite's time on 2
+# cores. Must be set before jax is imported.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'nfnets_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-import jax
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def jitted(model):

@@ -12,7 +12,7 @@ def get_config():
   config.batch_size = 16
   config.seed = 0
   config.output_dir = 'runs/spp/quick'
-  shape = dict(depths=(3, 3, 3, 3), width=0.125)
+  shape = dict(depths=(3, 3, 3, 3), width=0.25)
   config.models = ml_collections.ConfigDict({
       'bn_relu_conv': resnet.make_config(name='bn_resnet',
                                          bn_order='bn_relu_conv', **shape),
