@@ -22,6 +22,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
   del argv
   if _DISTRIBUTED.value:
+    # Cross-process collectives on CPU need gloo; GPU and TPU ignore this.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize()
   try:
     metrics = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

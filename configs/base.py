@@ -24,6 +24,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ''           # tfds data dir; '' = $TFDS_DATA_DIR
   config.data.image_size = 224        # train and eval resolution (paper)
   config.data.augment = True          # Inception crop + flip; eval center crop
+  config.data.random_shift_px = 0     # random translation (small datasets)
   config.data.eval_crop_fraction = 0.875  # standard ResNet eval crop 224/256
   config.data.num_classes = 1000
   # grain worker processes decoding JPEGs (0 = in the training process).

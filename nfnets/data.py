@@ -229,6 +229,11 @@ def preprocess_train(example, data_config, rng: np.random.Generator):
     return None
   if data_config.augment and rng.uniform() < 0.5:
     image = image[:, ::-1]
+  shift = data_config.get('random_shift_px', 0)
+  if shift:  # translate by up to shift px, filling with zeros (digits)
+    padded = np.pad(image, ((shift, shift), (shift, shift), (0, 0)))
+    top, left = rng.integers(0, 2 * shift + 1, size=2)
+    image = padded[top:top + size, left:left + size]
   return {'images': np.ascontiguousarray(image, np.uint8),
           'labels': np.int32(example['label'])}
 

@@ -110,6 +110,9 @@ def test_eight_devices_equal_one_device():
 def test_loss_goes_down_on_real_digits():
   config = quickstart.get_config()
   config.train.steps = 100
+  config.model.width = 0.125
+  config.data.random_shift_px = 0
+  config.optim.base_learning_rate = 0.4  # peak 0.1
   config.optim.warmup_epochs = 0.1  # 6 of the 100 steps
   exp = experiment.Experiment(config)
   state = exp.init_state()
@@ -220,3 +223,34 @@ def test_unwritable_workdir_and_unknown_dataset(tmp_path):
   config.model.num_classes = config.data.num_classes = 1000
   with pytest.raises(FileNotFoundError, match='imagenet2012.*not prepared'):
     experiment.Experiment(config).train_source  # pylint: disable=expression-not-assigned
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_same_devices(tmp_path):
+  """jax.distributed on localhost (gloo collectives): 2 x 4 CPU devices take
+  the same two steps as 1 x 8 devices."""
+  worker = os.path.join('tests', 'multiprocess_worker.py')
+  single = str(tmp_path / 'single.npz')
+  _run([worker, '0', '1', '0', single],
+       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  two = str(tmp_path / 'two.npz')
+  port = str(_free_port())
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+  processes = [subprocess.Popen([sys.executable, worker, str(i), '2', port, two],
+                                cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert all(p.returncode == 0 for p in processes), outputs[0][-3000:]
+  assert all('8 devices, 4 local' in out for out in outputs)
+  with np.load(single) as a, np.load(two) as b:
+    assert int(a['devices']) == int(b['devices']) == 8
+    assert set(a.files) == set(b.files)
+    for key in a.files:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7)
