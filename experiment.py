@@ -24,6 +24,7 @@ from nfnets import checkpointing
 from nfnets import data
 from nfnets import metric_writer
 from nfnets import optim
+from nfnets import paths
 from nfnets import resnet
 
 AXIS = 'data'
@@ -225,22 +226,13 @@ class Experiment:
     return metrics
 
 
-def check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'Cannot create workdir {workdir!r}: {e}') from e
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f'workdir {workdir!r} is not writable.')
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
   Returns the last eval metrics. Raises TrainingDiverged on a NaN/Inf loss,
   without writing a checkpoint for that step.
   """
-  check_workdir(workdir)
+  paths.ensure_writable_dir(workdir, 'workdir')
   experiment = Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
   writer = metric_writer.MetricWriter(workdir)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets import paths
 from nfnets import resnet
 
 # Deeper than this, run the forward pass op by op instead of under jax.jit:
@@ -173,16 +174,6 @@ def plot(results: Sequence[SignalPropagation], path: str,
   plt.close(fig)
 
 
-def check_output_dir(path: str) -> None:
-  """Creates path if needed; raises ValueError if it cannot be written."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'Cannot create output folder {path!r}: {e}') from e
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f'Output folder {path!r} is not writable.')
-
-
 def run(models: dict, image_size: int, batch_size: int, seed: int,
         output_dir: str, title: str = '',
         log: Callable[[str], None] = print) -> list[SignalPropagation]:
@@ -194,7 +185,7 @@ def run(models: dict, image_size: int, batch_size: int, seed: int,
     raise ValueError('No models to measure: the models field is empty.')
   for model_config in models.values():
     check_inputs(model_config, image_size, batch_size)
-  check_output_dir(output_dir)
+  paths.ensure_writable_dir(output_dir, 'output folder')
   results = []
   for i, (label, model_config) in enumerate(models.items()):
     log(f'[{i + 1}/{len(models)}] {label}: {model_config.name} '

@@ -171,7 +171,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
   # A checkpoint of another architecture is refused with what differs.
   mismatch = _run(['eval.py', '--config=configs/quickstart.py', *TINY,
-                   '--config.model.width=0.25', f'--workdir={straight}'],
+                   '--config.model.width=0.5', f'--workdir={straight}'],
                   check=False)
   assert mismatch.returncode != 0
   assert 'does not fit the configured model' in mismatch.stderr
