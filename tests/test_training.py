@@ -254,3 +254,22 @@ def test_two_processes_equal_one_process_with_same_devices(tmp_path):
     assert set(a.files) == set(b.files)
     for key in a.files:
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_state():
+  config = quickstart.get_config()
+  config.compute_dtype = 'bfloat16'
+  config.train.steps = 10
+  config.optim.ema_decay = 0.99
+  exp = experiment.Experiment(config)
+  state = exp.init_state()
+  iterator = data.train_iterator(config.data, config.train.batch_size, 0,
+                                 exp.train_source)
+  for _ in range(3):
+    state, metrics = exp.train_step(state, next(iterator))
+  floats = [x for x in jax.tree.leaves({k: state[k] for k in (
+      'params', 'opt_state', 'ema_params', 'bn_state')})
+            if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)]
+  assert floats and all(x.dtype == jax.numpy.float32 for x in floats)
+  assert metrics['loss'].dtype == jax.numpy.float32
+  assert np.isfinite(float(metrics['loss']))
