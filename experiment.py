@@ -12,7 +12,6 @@ import math
 import os
 import time
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +87,7 @@ class Experiment:
     mesh_config.bn_axis_name = AXIS
     self.train_model = resnet.build(mesh_config)
 
-    self._train_source = None
+    self.train_source = data.get_source(config.data, 'train')
     batch = config.train.batch_size
     self.steps_per_epoch = max(1, len(self.train_source.records) // batch)
     self.total_steps = config.train.steps or int(
@@ -103,12 +102,6 @@ class Experiment:
     self._eval_step = jax.jit(jax.shard_map(
         self._eval_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(), P(AXIS)), out_specs=P()))
-
-  @property
-  def train_source(self) -> data.Source:
-    if self._train_source is None:
-      self._train_source = data.get_source(self.config.data, 'train')
-    return self._train_source
 
   def _normalize(self, images: jax.Array) -> jax.Array:
     """uint8 [N, H, W, 3] -> compute dtype, per-channel standardized."""
@@ -272,12 +265,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         metrics['images_per_second'] = (
             interval_steps * train.batch_size / max(elapsed, 1e-9))
         writer.write(step, 'train', metrics)
-        interval_start, interval_steps = time.time(), 0
+        interval_steps = 0
       if (train.eval_every_steps and step % train.eval_every_steps == 0) or last:
         eval_metrics = experiment.evaluate_state(state, config.eval_split)
         writer.write(step, 'eval', eval_metrics)
       if step % train.checkpoint_every_steps == 0 or last:
         checkpointer.save(step, state, iterator.get_state())
+      if interval_steps == 0:  # images/s counts train steps only
+        interval_start = time.time()
   finally:
     checkpointer.close()
     writer.close()

@@ -12,6 +12,7 @@ import jax
 from ml_collections import config_flags
 
 import experiment
+from nfnets import checkpointing
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics.')
@@ -27,7 +28,8 @@ def main(argv):
     jax.distributed.initialize()
   try:
     metrics = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except experiment.TrainingDiverged as e:
+  except (experiment.TrainingDiverged,
+          checkpointing.CheckpointMismatchError) as e:
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
   print('final eval: ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))

@@ -158,11 +158,10 @@ def plot(results: Sequence[SignalPropagation], path: str,
     for result in results:
       values = getattr(result, field)
       depth = np.arange(first_depth, first_depth + len(values))
-      line, = ax.plot(depth, values, label=result.label, linewidth=1.5)
+      ax.plot(depth, values, label=result.label, linewidth=1.5)
       ends = [spec.index + 1 for spec in result.plan if spec.is_stage_end]
       ax.plot(ends, values[np.array(ends) - first_depth], 'o', color='black',
               markersize=4)
-      del line
     ax.set_xlabel('Depth (residual block)')
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
