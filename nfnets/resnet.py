@@ -226,13 +226,9 @@ class ResNet(hk.Module):
                          with_bias=self.kind == 'nf_resnet', name=name)
 
   def _batch_norm(self, x, is_training, name):
-    # Statistics and parameters in float32 whatever the compute dtype.
     config = self.config
-    out = hk.BatchNorm(
-        create_scale=True, create_offset=True, decay_rate=config.bn_decay,
-        eps=config.bn_eps, cross_replica_axis=config.bn_axis_name,
-        name=name)(x.astype(jnp.float32), is_training=is_training)
-    return out.astype(x.dtype)
+    return layers.BatchNorm(config.bn_decay, config.bn_eps,
+                            config.bn_axis_name, name=name)(x, is_training)
 
   def _preactivate(self, x, is_training, name):
     """Normalization (bn_resnet) and nonlinearity in front of every conv."""
