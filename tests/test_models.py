@@ -9,6 +9,7 @@ import pytest
 
 from nfnets import counting
 from nfnets import resnet
+from nfnets import spp
 from conftest import jitted
 
 
@@ -26,17 +27,11 @@ def _deep_signal_stats(use_scaled_ws: bool):
   return resnet.block_plan(config), jax.tree.map(np.asarray, stats)
 
 
-def _analytic_expected_variance(plan, alpha):
-  """Variance after every block: +alpha^2 per block, 1 + alpha^2 after a transition."""
-  return np.array([(1.0 if spec.is_transition else spec.expected_std**2)
-                   + alpha**2 for spec in plan])
-
-
 def test_scaled_ws_tracks_analytic_variance_without_mean_shift():
   plan, stats = _deep_signal_stats(use_scaled_ws=True)
   stage = np.array([spec.stage for spec in plan])
   variance = stats['variance'][1:]
-  ratio = variance / _analytic_expected_variance(plan, alpha=1.0)
+  ratio = variance / spp.expected_variances(plan, alpha=1.0)[1:]
   # Stages 1-3 run at >= 8x8 px: the measured variance follows the analytic
   # one (which reaches 14 at the end of a stage) within 30%.
   early = stage < 3
