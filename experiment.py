@@ -24,7 +24,7 @@ from nfnets import data
 from nfnets import metric_writer
 from nfnets import optim
 from nfnets import paths
-from nfnets import resnet
+from nfnets import models
 
 AXIS = 'data'
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -36,8 +36,8 @@ class TrainingDiverged(RuntimeError):
 
 def validate_config(config) -> None:
   """Checks that need no data and no compute; raises ValueError."""
-  resnet.validate_config(config.model)
-  resnet.check_image_size(config.model, config.data.image_size)
+  models.validate_config(config.model)
+  models.check_image_size(config.model, config.data.image_size)
   if config.data.name not in data.SOURCES:
     raise ValueError(f'Unknown dataset {config.data.name!r}; allowed: '
                      f'{data.SOURCES}.')
@@ -82,10 +82,10 @@ class Experiment:
     # eval mode (which uses the moving averages).
     local_config = copy.deepcopy(config.model)
     local_config.bn_axis_name = None
-    self.model = resnet.build(local_config)
+    self.model = models.build(local_config)
     mesh_config = copy.deepcopy(config.model)
     mesh_config.bn_axis_name = AXIS
-    self.train_model = resnet.build(mesh_config)
+    self.train_model = models.build(mesh_config)
 
     self.train_source = data.get_source(config.data, 'train')
     batch = config.train.batch_size

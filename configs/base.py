@@ -26,6 +26,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.augment = True          # Inception crop + flip; eval center crop
   config.data.random_shift_px = 0     # random translation (small datasets)
   config.data.eval_crop_fraction = 0.875  # standard ResNet eval crop 224/256
+  # Evaluation resolution; 0 = image_size (NF-RegNets test above train size).
+  config.data.eval_image_size = 0
   config.data.num_classes = 1000
   # grain worker processes decoding JPEGs (0 = in the training process).
   config.data.num_workers = 8
@@ -42,11 +44,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 5000  # 0: only at the end
   config.train.checkpoint_every_steps = 1000
   config.train.keep_checkpoints = 3
+  # MixUp + CutMix on the global batch (NF-RegNet recipe): half of the batch
+  # MixUp with ratio ~ Beta(mixup_alpha, mixup_alpha), half CutMix.
+  # mixup_alpha 0 and cutmix False = off.
+  config.train.mixup_alpha = 0.0
+  config.train.cutmix = False
+  # Per-stage signal statistics of the current parameters on a fixed probe
+  # batch every this many steps; 0 = off.
+  config.train.signal_stats_every_steps = 0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_learning_rate = 0.1  # per 256 examples (Goyal et al.)
   config.optim.scale_by_batch_size = True
   config.optim.warmup_epochs = 5.0
+  # Cosine decay ends here (absolute, not scaled by batch); reference
+  # NF-RegNets decay to a minimum (their configs set it), ResNets to 0.
+  config.optim.end_learning_rate = 0.0
   config.optim.momentum = 0.9
   config.optim.nesterov = True
   config.optim.weight_decay = 1e-4       # not on gains, biases, scalars

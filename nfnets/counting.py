@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnets import layers
+from nfnets import models
 from nfnets import resnet
 
 
@@ -35,9 +36,9 @@ def _layer_macs(module, inputs, output) -> int:
 
 def count_params_and_macs(config, image_size: int) -> tuple[int, int]:
   """(parameter count, multiply-adds per image) at image_size x image_size."""
-  resnet.validate_config(config)
-  resnet.check_image_size(config, image_size)
-  model = resnet.build(config)
+  models.validate_config(config)
+  models.check_image_size(config, image_size)
+  model = models.build(config)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   macs = []
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfnets import paths
+from nfnets import models
 from nfnets import resnet
 
 # Deeper than this, run the forward pass op by op instead of under jax.jit:
@@ -51,8 +52,8 @@ class SignalPropagation:
 
 def check_inputs(model_config, image_size: int, batch_size: int) -> None:
   """Raises ValueError for anything that would make the measurement fail."""
-  resnet.validate_config(model_config)
-  resnet.check_image_size(model_config, image_size)
+  models.validate_config(model_config)
+  models.check_image_size(model_config, image_size)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
   if model_config.name == 'bn_resnet' and batch_size < 2:
@@ -83,10 +84,10 @@ def measure(label: str, model_config, image_size: int, batch_size: int,
   """
   check_inputs(model_config, image_size, batch_size)
   start = time.time()
-  model = resnet.build(model_config)
+  model = models.build(model_config)
   init_rng, data_rng = jax.random.split(jax.random.key(seed))
   images = jax.random.normal(data_rng, (batch_size, image_size, image_size, 3))
-  plan = tuple(resnet.block_plan(model_config))
+  plan = tuple(models.block_plan(model_config))
 
   def statistics(params, state, images):
     (_, stats), _ = model.apply(params, state, None, images, True, True)
@@ -173,26 +174,26 @@ def plot(results: Sequence[SignalPropagation], path: str,
   plt.close(fig)
 
 
-def run(models: dict, image_size: int, batch_size: int, seed: int,
+def run(model_configs: dict, image_size: int, batch_size: int, seed: int,
         output_dir: str, title: str = '',
         log: Callable[[str], None] = print) -> list[SignalPropagation]:
   """Measures every model, then writes spp.png and spp.csv into output_dir.
 
   Every input is checked before the first model runs.
   """
-  if not models:
+  if not model_configs:
     raise ValueError('No models to measure: the models field is empty.')
-  for model_config in models.values():
+  for model_config in model_configs.values():
     check_inputs(model_config, image_size, batch_size)
   paths.ensure_writable_dir(output_dir, 'output folder')
   results = []
-  for i, (label, model_config) in enumerate(models.items()):
-    log(f'[{i + 1}/{len(models)}] {label}: {model_config.name} '
-        f'{model_config.variant if not model_config.depths else model_config.depths}'
-        f', {len(resnet.block_plan(model_config))} blocks, '
+  for i, (label, model_config) in enumerate(model_configs.items()):
+    log(f'[{i + 1}/{len(model_configs)}] {label}: {model_config.name} '
+        f'{model_config.get("variant", "") if not model_config.get("depths") else model_config.depths}'
+        f', {len(models.block_plan(model_config))} blocks, '
         f'{batch_size}x{image_size}x{image_size} N(0,1) images ...')
     result = measure(label, model_config, image_size, batch_size, seed)
-    log(f'[{i + 1}/{len(models)}] {label}: done in {result.seconds:.1f} s')
+    log(f'[{i + 1}/{len(model_configs)}] {label}: done in {result.seconds:.1f} s')
     results.append(result)
   write_csv(results, os.path.join(output_dir, 'spp.csv'))
   plot(results, os.path.join(output_dir, 'spp.png'), title)

@@ -1,0 +1,46 @@
+"""One entry point over every model family: config.name picks the module.
+
+Each family module (nfnets.resnet, ...) provides, for its model names:
+  build(config) -> hk.TransformedWithState
+      init(rng, images, is_training) -> (params, state)
+      apply(params, state, rng, images, is_training, return_stats=False)
+        -> (logits or (logits, stats), new_state)
+  validate_config(config)            raises ValueError naming the value
+  check_image_size(config, height, width=None)
+  block_plan(config) -> list of BlockSpec-like records (index, stage,
+      is_transition, is_stage_end, expected_std) for signal statistics.
+experiment.py, spp.py and counting.py go through this module only.
+"""
+
+from nfnets import resnet
+
+_FAMILIES = (resnet,)
+
+
+def names() -> tuple[str, ...]:
+  """Every model name that config.name accepts."""
+  return tuple(name for family in _FAMILIES for name in family.MODELS)
+
+
+def family(config):
+  """The module that builds config.name; ValueError for an unknown name."""
+  for module in _FAMILIES:
+    if config.name in module.MODELS:
+      return module
+  raise ValueError(f'Unknown model {config.name!r}; allowed: {names()}.')
+
+
+def validate_config(config) -> None:
+  family(config).validate_config(config)
+
+
+def check_image_size(config, height: int, width: int | None = None) -> None:
+  family(config).check_image_size(config, height, width)
+
+
+def build(config):
+  return family(config).build(config)
+
+
+def block_plan(config) -> list:
+  return family(config).block_plan(config)
