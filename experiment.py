@@ -5,10 +5,18 @@ of all processes), jitted: parameters and optimizer state replicated, the
 batch sharded, gradients, BatchNorm statistics and metrics averaged over the
 mesh with pmean. `train_and_evaluate(config, workdir)` is the whole job;
 train.py and eval.py are thin command-line wrappers.
+
+The loop keeps the devices busy: batches are prepared in a background thread
+(or grain workers) and put on the devices two steps ahead, metrics are summed
+on the devices and fetched only at log steps, and at most two steps are in
+flight. A NaN/Inf loss is caught at the next log step or before the next
+checkpoint or evaluation, whichever comes first, so a diverged state is never
+saved.
 """
 
+import collections
 import copy
-import math
+import json
 import os
 import time
 
@@ -20,22 +28,37 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nfnets import checkpointing
+from nfnets import counting
 from nfnets import data
+from nfnets import errors
 from nfnets import metric_writer
-from nfnets import optim
-from nfnets import paths
 from nfnets import models
+from nfnets import optim
+from nfnets import workdir as workdir_lib
 
 AXIS = 'data'
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class TrainingDiverged(RuntimeError):
-  """The loss became NaN or Inf."""
+TrainingDiverged = errors.TrainingDiverged
+# Train metrics summed on the devices between log steps.
+_SUMMED_METRICS = ('loss', 'top1', 'top5', 'grad_norm')
+# Host batches prepared ahead by the background thread (num_workers == 0),
+# and batches already on the devices ahead of the running step.
+_HOST_PREFETCH = 2
+_DEVICE_PREFETCH = 2
 
 
-def validate_config(config) -> None:
-  """Checks that need no data and no compute; raises ValueError."""
+def validate_config(config, device_count: int | None = None) -> None:
+  """Checks that need no data and no compute; raises UserError naming the
+  value and what is allowed."""
+  try:
+    _validate_config(config, device_count or jax.device_count())
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
+
+
+def _validate_config(config, device_count: int) -> None:
   models.validate_config(config.model)
   models.check_image_size(config.model, config.data.image_size)
   if config.data.name not in data.SOURCES:
@@ -54,6 +77,23 @@ def validate_config(config) -> None:
   if config.optim.ema_decay is not None and not 0 < config.optim.ema_decay < 1:
     raise ValueError(
         f'optim.ema_decay must be in (0, 1) or None, got {config.optim.ema_decay}.')
+  for batch_name in ('batch_size', 'eval_batch_size'):
+    if config.train[batch_name] % device_count:
+      raise ValueError(
+          f'train.{batch_name}={config.train[batch_name]} is not divisible '
+          f'by the {device_count} devices; use a multiple of {device_count}.')
+  for name in ('steps', 'log_every_steps', 'eval_every_steps',
+               'signal_stats_every_steps'):
+    if config.train[name] < 0:
+      raise ValueError(f'train.{name} must be >= 0, got {config.train[name]}.')
+  for name in ('checkpoint_every_steps', 'keep_checkpoints'):
+    if config.train[name] < 1:
+      raise ValueError(f'train.{name} must be >= 1, got {config.train[name]}.')
+  if not config.train.steps and not config.train.epochs > 0:
+    raise ValueError(f'train.epochs must be > 0 when train.steps is 0, got '
+                     f'{config.train.epochs}.')
+  if config.data.eval_image_size:
+    models.check_image_size(config.model, config.data.eval_image_size)
 
 
 class Experiment:
@@ -64,14 +104,9 @@ class Experiment:
   """
 
   def __init__(self, config, devices=None):
-    validate_config(config)
-    self.config = config
     devices = list(devices or jax.devices())
-    for batch_name in ('batch_size', 'eval_batch_size'):
-      if config.train[batch_name] % len(devices):
-        raise ValueError(
-            f'train.{batch_name}={config.train[batch_name]} is not divisible '
-            f'by the {len(devices)} devices; use a multiple of {len(devices)}.')
+    validate_config(config, len(devices))
+    self.config = config
     self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
@@ -87,7 +122,10 @@ class Experiment:
     mesh_config.bn_axis_name = AXIS
     self.train_model = models.build(mesh_config)
 
-    self.train_source = data.get_source(config.data, 'train')
+    try:
+      self.train_source = data.get_source(config.data, 'train')
+    except (ValueError, FileNotFoundError) as e:
+      raise errors.UserError(str(e)) from None
     batch = config.train.batch_size
     self.steps_per_epoch = max(1, len(self.train_source.records) // batch)
     self.total_steps = config.train.steps or int(
@@ -96,9 +134,12 @@ class Experiment:
         config.optim, batch, self.total_steps, self.steps_per_epoch)
     self.optimizer = optim.make_optimizer(config.optim, self.schedule)
 
-    self._train_step = jax.jit(jax.shard_map(
+    self._per_device_train_step = jax.shard_map(
         self._train_step_per_device, mesh=self.mesh,
-        in_specs=(P(), P(AXIS)), out_specs=(P(), P())), donate_argnums=0)
+        in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+    self._train_step = jax.jit(self._per_device_train_step, donate_argnums=0)
+    self._train_step_accumulate = jax.jit(self._train_and_accumulate,
+                                          donate_argnums=(0, 2))
     self._eval_step = jax.jit(jax.shard_map(
         self._eval_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(), P(AXIS)), out_specs=P()))
@@ -183,6 +224,55 @@ class Experiment:
     with jax.set_mesh(self.mesh):
       return self._train_step(state, self.shard_batch(local_batch))
 
+  def new_accumulator(self) -> dict:
+    """Device-side sums of train metrics between log steps, and the first
+    step whose loss was not finite (-1: none)."""
+    return jax.device_put(dict(
+        sums={name: jnp.zeros((), jnp.float32) for name in _SUMMED_METRICS},
+        count=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        learning_rate=jnp.zeros((), jnp.float32)), self.replicated)
+
+  def _train_and_accumulate(self, state, batch, accumulator):
+    new_state, metrics = self._per_device_train_step(state, batch)
+    finite = jnp.isfinite(metrics['loss'])
+    first = accumulator['first_nonfinite_step']
+    accumulator = dict(
+        sums={name: accumulator['sums'][name] + metrics[name]
+              for name in _SUMMED_METRICS},
+        count=accumulator['count'] + 1,
+        first_nonfinite_step=jnp.where((first < 0) & ~finite,
+                                       new_state['step'], first),
+        learning_rate=metrics['learning_rate'].astype(jnp.float32))
+    # A fresh (not donated) output that is ready when this step is done.
+    done = new_state['step'] + 0
+    return new_state, accumulator, done
+
+  def compile_loop_step(self, state, accumulator):
+    """The loop's step, compiled ahead of time for these shapes:
+    (state, device batch, accumulator) -> (state, accumulator, done)."""
+    local = data.local_batch_size(self.config.train.batch_size)
+    size = self.config.data.image_size
+    batch = {
+        'images': jax.ShapeDtypeStruct(
+            (local * jax.process_count(), size, size, 3), jnp.uint8,
+            sharding=self.batch_sharding),
+        'labels': jax.ShapeDtypeStruct((local * jax.process_count(),),
+                                       jnp.int32, sharding=self.batch_sharding)}
+    with jax.set_mesh(self.mesh):
+      return self._train_step_accumulate.lower(state, batch,
+                                               accumulator).compile()
+
+  def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
+    """Yields (device batch, data state after it) from a host iterator,
+    keeping `ahead` batches on the devices beyond the one returned."""
+    queued = collections.deque()
+    while True:
+      while len(queued) <= ahead:
+        batch = next(iterator)
+        queued.append((self.shard_batch(batch), iterator.get_state()))
+      yield queued.popleft()
+
   def _eval_step_per_device(self, params, bn_state, batch):
     logits, _ = self.model.apply(params, bn_state, None,
                                  self._normalize(batch['images']),
@@ -219,61 +309,211 @@ class Experiment:
     return metrics
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in workdir) and evaluates.
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return (f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours
+          else f'{rest // 60}:{rest % 60:02d}')
 
-  Returns the last eval metrics. Raises TrainingDiverged on a NaN/Inf loss,
-  without writing a checkpoint for that step.
+
+def _format_metrics(metrics: dict, names) -> str:
+  return ' '.join(f'{name}={metrics[name]:.4f}' for name in names
+                  if name in metrics)
+
+
+class _Progress:
+  """Train-time bookkeeping: images/s and ETA count only train steps (not
+  compilation, evaluation or checkpoints), data wait is the share of that
+  time the loop spent waiting for the next batch."""
+
+  def __init__(self, first_step: int, total_steps: int, batch_size: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.first_step = first_step
+    self.train_seconds = 0.0
+    self.interval_seconds = self.interval_wait = 0.0
+    self.interval_steps = 0
+
+  def add(self, seconds: float, wait: float) -> None:
+    self.train_seconds += seconds
+    self.interval_seconds += seconds
+    self.interval_wait += wait
+    self.interval_steps += 1
+
+  def interval_metrics(self) -> dict:
+    seconds = max(self.interval_seconds, 1e-9)
+    metrics = dict(
+        images_per_second=self.interval_steps * self.batch_size / seconds,
+        data_wait_fraction=min(1.0, self.interval_wait / seconds))
+    self.interval_seconds = self.interval_wait = 0.0
+    self.interval_steps = 0
+    return metrics
+
+  def line(self, step: int) -> str:
+    done = step - self.first_step
+    eta = (self.total_steps - step) * self.train_seconds / max(done, 1)
+    return (f'step {step}/{self.total_steps} '
+            f'({100 * step / self.total_steps:.0f}%)', f'ETA {_format_duration(eta)}')
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       log=print) -> dict:
+  """Trains (resuming from the newest intact checkpoint in workdir) and
+  evaluates; returns the final eval metrics.
+
+  Everything a user can get wrong is checked before the workdir is touched;
+  a workdir this call created is removed again if the run is refused
+  before training starts. Raises errors.UserError subclasses for those,
+  TrainingDiverged on a NaN/Inf loss (no checkpoint is written for it).
   """
-  paths.ensure_writable_dir(workdir, 'workdir')
-  experiment = Experiment(config)
-  checkpointer = checkpointing.Checkpointer(workdir, config.train.keep_checkpoints)
-  writer = metric_writer.MetricWriter(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
-  iterator = data.train_iterator(config.data, config.train.batch_size,
-                                 config.seed, experiment.train_source)
-  latest = checkpointer.latest_step()
-  if latest is None:
-    state = experiment.init_state()
-  else:
-    state, data_state = checkpointer.restore(latest,
-                                             experiment.abstract_state())
-    iterator.set_state(data_state)
-    print(f'Resumed from {checkpointer.directory} at step {latest}.',
-          flush=True)
-  step = int(state['step'])
-  total = experiment.total_steps
-  train = config.train
-  eval_metrics = {}
-  interval_start, interval_steps = time.time(), 0
+  validate_config(config)
+  is_main = jax.process_index() == 0
+  created = workdir_lib.prepare(workdir)
   try:
-    while step < total:
-      state, metrics = experiment.train_step(state, next(iterator))
-      step += 1
-      interval_steps += 1
-      loss = float(metrics['loss'])
-      if not math.isfinite(loss):
+    lock = workdir_lib.Lock(workdir).acquire() if is_main else None
+  except BaseException:
+    if created:
+      workdir_lib.remove_if_unused(workdir)
+    raise
+  try:
+    if lock and lock.previous_holder:
+      log(f'Taking over {workdir}: the run that held it ended without '
+          f'releasing it ({lock.previous_holder}).')
+    return _train(config, workdir, allow_config_change, log)
+  except BaseException:
+    if created and is_main:  # refused before writing anything of value
+      workdir_lib.remove_if_unused(workdir)
+    raise
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config, workdir, allow_config_change, log) -> dict:
+  experiment = Experiment(config)
+  train = config.train
+  total = experiment.total_steps
+  checkpointer = checkpointing.Checkpointer(workdir, train.keep_checkpoints)
+  try:
+    found = checkpointer.restore_latest_intact(experiment.abstract_state(),
+                                               warn=log)
+  except BaseException:
+    checkpointer.close()
+    raise
+  config_dict = workdir_lib.config_to_dict(config)
+  if found is None:
+    step, state, data_state = 0, None, None
+  else:
+    step, state, data_state, recorded = found
+    if recorded is None:  # checkpoints from before configs were stored
+      recorded = _read_json(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+    try:
+      workdir_lib.check_config(workdir, recorded, config_dict, step,
+                               allow_config_change)
+    except BaseException:
+      checkpointer.close()
+      raise
+  if jax.process_index() == 0:
+    workdir_lib.write_config(workdir, config_dict)
+
+  if step >= total:
+    checkpointer.close()
+    metrics = metric_writer.last_eval(workdir, step)
+    if metrics is None:
+      metrics = experiment.evaluate_state(state, config.eval_split)
+    log(f'Already trained: {workdir} holds the final checkpoint (step '
+        f'{step}/{total}). Final eval {config.eval_split}: '
+        + _format_metrics(metrics, sorted(metrics)))
+    return metrics
+
+  if state is None:
+    state = experiment.init_state()
+  params = counting.count_params(state['params'])
+  log(f'Training {config.model.name} ({params / 1e6:.2f}M parameters) on '
+      f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s) '
+      f'in {jax.process_count()} process(es): global batch '
+      f'{train.batch_size}, {total} steps '
+      f'({total / experiment.steps_per_epoch:.1f} epochs), workdir {workdir}, '
+      + (f'resuming from step {step}.' if step else 'from scratch.'))
+
+  writer = metric_writer.MetricWriter(workdir, resume_step=step)
+  iterator = data.train_iterator(config.data, train.batch_size, config.seed,
+                                 experiment.train_source)
+  if not config.data.num_workers:
+    iterator = data.Prefetcher(iterator, _HOST_PREFETCH)
+  if data_state is not None:
+    iterator.set_state(data_state)
+  eval_metrics = {}
+  try:
+    compile_start = time.time()
+    accumulator = experiment.new_accumulator()
+    step_fn = experiment.compile_loop_step(state, accumulator)
+    log(f'Compiled the train step in {time.time() - compile_start:.1f} s.')
+    progress = _Progress(step, total, train.batch_size)
+    batches = experiment.device_batches(iterator)
+    previous_done = None
+
+    def check_finite():
+      bad_step = int(accumulator['first_nonfinite_step'])
+      if bad_step >= 0:
+        last_good = checkpointer.latest_step()
         raise TrainingDiverged(
-            f'Loss is {loss} at step {step}; stopping. The latest checkpoint '
-            f'(step {checkpointer.latest_step()}) is the last good one.')
+            f'The loss became NaN or Inf at step {bad_step}; stopping. '
+            + (f'The last good checkpoint is step {last_good}.'
+               if last_good is not None else
+               'No checkpoint was written yet.'))
+
+    while step < total:
+      step_start = time.perf_counter()
+      batch, batch_data_state = next(batches)
+      wait = time.perf_counter() - step_start
+      state, accumulator, done = step_fn(state, batch, accumulator)
+      data_state = batch_data_state
+      step += 1
+      if previous_done is not None:  # at most two steps in flight
+        previous_done.block_until_ready()
+      previous_done = done
+      progress.add(time.perf_counter() - step_start, wait)
+
       last = step == total
       if step % train.log_every_steps == 0 or last:
-        elapsed = time.time() - interval_start
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics['images_per_second'] = (
-            interval_steps * train.batch_size / max(elapsed, 1e-9))
+        done.block_until_ready()
+        check_finite()
+        host = jax.device_get(accumulator)
+        count = max(int(host['count']), 1)
+        metrics = {name: float(value) / count
+                   for name, value in host['sums'].items()}
+        metrics['learning_rate'] = float(host['learning_rate'])
+        metrics |= progress.interval_metrics()
         writer.write(step, 'train', metrics)
-        interval_steps = 0
-      if (train.eval_every_steps and step % train.eval_every_steps == 0) or last:
+        where, eta = progress.line(step)
+        log(f'{where} loss={metrics["loss"]:.4f} top1={metrics["top1"]:.4f} '
+            f'{metrics["images_per_second"]:,.0f} img/s, data wait '
+            f'{100 * metrics["data_wait_fraction"]:.0f}%, {eta}')
+        accumulator = experiment.new_accumulator()
+      if (train.eval_every_steps and step % train.eval_every_steps == 0
+          ) or last:
+        check_finite()
         eval_metrics = experiment.evaluate_state(state, config.eval_split)
         writer.write(step, 'eval', eval_metrics)
+        log(f'eval {config.eval_split} at step {step}: '
+            + _format_metrics(eval_metrics, sorted(eval_metrics)))
       if step % train.checkpoint_every_steps == 0 or last:
-        checkpointer.save(step, state, iterator.get_state())
-      if interval_steps == 0:  # images/s counts train steps only
-        interval_start = time.time()
+        check_finite()
+        checkpointer.save(step, state, data_state, config_dict)
   finally:
+    if isinstance(iterator, data.Prefetcher):
+      iterator.close()
     checkpointer.close()
     writer.close()
+  log(f'Done: {total} steps, {_format_duration(progress.train_seconds)} of '
+      f'training. Final eval {config.eval_split}: '
+      + _format_metrics(eval_metrics, sorted(eval_metrics)))
   return eval_metrics
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None

@@ -1,23 +1,26 @@
-"""Trains a model from a config, resuming from the latest checkpoint.
+"""Trains a model from a config, resuming from the newest intact checkpoint.
 
   python train.py --config=configs/nf_resnet50.py --workdir=/tmp/nf50 \
       --config.model.alpha=0.4 --config.train.batch_size=512
+
+Exit codes: 0 done, 2 a mistake to fix (message on stderr), 3 diverged.
 """
 
-import sys
-
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
 import experiment
-from nfnets import checkpointing
+from nfnets import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints and metrics.')
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume although the config differs from the one that trained the '
+    'checkpoints; the change is recorded in config_history.jsonl.')
 
 
 def main(argv):
@@ -26,15 +29,11 @@ def main(argv):
     # Cross-process collectives on CPU need gloo; GPU and TPU ignore this.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize()
-  try:
-    metrics = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (experiment.TrainingDiverged,
-          checkpointing.CheckpointMismatchError) as e:
-    print(f'Training stopped: {e}', file=sys.stderr)
-    sys.exit(1)
-  print('final eval: ' + ' '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
+  log = print if jax.process_index() == 0 else (lambda *_: None)
+  experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                _ALLOW_CONFIG_CHANGE.value,
+                                log=lambda line: log(line, flush=True))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main, required=['config', 'workdir'])

@@ -13,11 +13,14 @@ iterator's state is a small JSON-able dict (get_state / set_state), so a
 resumed run sees exactly the examples an uninterrupted one would.
 """
 
+import copy
 import dataclasses
 import functools
 import io
 import math
 import os
+import queue
+import threading
 from typing import Iterator
 
 from absl import logging
@@ -53,21 +56,12 @@ class _ArrayRecords:
     return {'image': self.images[index], 'label': int(self.labels[index])}
 
 
-class _FakeRecords:
-  """Random uint8 images, each a deterministic function of its index."""
-
-  def __init__(self, size: int, image_size: int, num_classes: int, seed: int):
-    self.size, self.image_size = size, image_size
-    self.num_classes, self.seed = num_classes, seed
-
-  def __len__(self):
-    return self.size
-
-  def __getitem__(self, index):
-    rng = np.random.default_rng((self.seed, index))
-    image = rng.integers(0, 256, (self.image_size, self.image_size, 3),
-                         dtype=np.uint8)
-    return {'image': image, 'label': int(rng.integers(self.num_classes))}
+@functools.cache
+def _fake_arrays(size: int, image_size: int, num_classes: int, seed: int):
+  """Uniform random uint8 images and labels, one draw per split (cached)."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (size, image_size, image_size, 3), np.uint8)
+  return images, rng.integers(0, num_classes, size).astype(np.int32)
 
 
 @functools.cache
@@ -82,7 +76,15 @@ def _mnist_arrays():
   return images, labels.astype(np.int32)
 
 
-def _mnist(split: str) -> Source:
+def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> [N, size, size, 3], bilinear, once per source."""
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(Image.fromarray(image).resize(
+      (size, size), Image.BILINEAR)) for image in images])
+
+
+def _mnist(split: str, image_size: int) -> Source:
   images, labels = _mnist_arrays()
   # Fixed split: per class, the first 400 digits train, the last 100 test.
   position_in_class = np.zeros(len(labels), np.int32)
@@ -93,8 +95,8 @@ def _mnist(split: str) -> Source:
   keep = is_train if split == 'train' else ~is_train
   mean = float(images[is_train].mean())
   std = float(images[is_train].std())
-  return Source(_ArrayRecords(images[keep], labels[keep]), 10, (mean,) * 3,
-                (std,) * 3)
+  return Source(_ArrayRecords(_resize_all(images[keep], image_size),
+                              labels[keep]), 10, (mean,) * 3, (std,) * 3)
 
 
 def _imagenet(split: str, data_dir: str | None) -> Source:
@@ -113,6 +115,14 @@ def _imagenet(split: str, data_dir: str | None) -> Source:
   return Source(records, 1000, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _split_image_size(data_config, split: str) -> int:
+  """Train split: image_size; other splits: eval_image_size (0 = same)."""
+  size = data_config.get('image_size', 32)
+  if split == 'train':
+    return size
+  return data_config.get('eval_image_size', 0) or size
+
+
 def get_source(data_config, split: str) -> Source:
   """The split of data_config.name; raises a clear error if unavailable."""
   name = data_config.name
@@ -121,14 +131,15 @@ def get_source(data_config, split: str) -> Source:
   if name == 'mnist':
     if split not in ('train', 'test'):
       raise ValueError(f'mnist has splits train and test, not {split!r}.')
-    return _mnist(split)
+    return _mnist(split, _split_image_size(data_config, split))
   if name == 'fake':
     size = data_config.fake_train_size if split == 'train' else (
         data_config.fake_eval_size)
     seed = 0 if split == 'train' else 1
-    return Source(_FakeRecords(size, data_config.image_size,
-                               data_config.num_classes, seed),
-                  data_config.num_classes, (127.5,) * 3, (73.9,) * 3)
+    images, labels = _fake_arrays(size, _split_image_size(data_config, split),
+                                  data_config.num_classes, seed)
+    return Source(_ArrayRecords(images, labels), data_config.num_classes,
+                  (127.5,) * 3, (73.9,) * 3)
   data_dir = data_config.get('data_dir') or os.environ.get('TFDS_DATA_DIR')
   return _imagenet(split, data_dir)
 
@@ -227,15 +238,34 @@ def preprocess_train(example, data_config, rng: np.random.Generator):
   except _DECODE_ERRORS as e:
     CorruptImageCounter.record(e, example.get('label'))
     return None
-  if data_config.augment and rng.uniform() < 0.5:
-    image = image[:, ::-1]
+  image = augment_batch(image[None], data_config, rng)[0]
+  return {'images': image, 'labels': np.int32(example['label'])}
+
+
+def augment_batch(images: np.ndarray, data_config,
+                  rng: np.random.Generator) -> np.ndarray:
+  """Random horizontal flip (when data_config.augment) and random
+  translation by up to data_config.random_shift_px px (zero fill), each
+  drawn per image but applied to the whole batch at once.
+
+  images: uint8 [N, H, W, C]; returns a new contiguous uint8 array.
+  """
+  count, height, width, _ = images.shape
+  rows = np.broadcast_to(np.arange(height), (count, height))
+  cols = np.broadcast_to(np.arange(width), (count, width))
+  if data_config.augment:
+    flip = rng.uniform(size=count) < 0.5
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
   shift = data_config.get('random_shift_px', 0)
-  if shift:  # translate by up to shift px, filling with zeros (digits)
-    padded = np.pad(image, ((shift, shift), (shift, shift), (0, 0)))
-    top, left = rng.integers(0, 2 * shift + 1, size=2)
-    image = padded[top:top + size, left:left + size]
-  return {'images': np.ascontiguousarray(image, np.uint8),
-          'labels': np.int32(example['label'])}
+  if shift:
+    images = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    offsets = rng.integers(0, 2 * shift + 1, size=(count, 2))
+    rows = rows + offsets[:, :1]
+    cols = cols + offsets[:, 1:]
+  if not (data_config.augment or shift):
+    return np.ascontiguousarray(images, np.uint8)
+  index = np.arange(count)[:, None, None]
+  return images[index, rows[:, :, None], cols[:, None, :]]
 
 
 def preprocess_eval(example, data_config) -> np.ndarray | None:
@@ -244,7 +274,8 @@ def preprocess_eval(example, data_config) -> np.ndarray | None:
     height, width = image_size_of(example['image'])
     box = (center_box(height, width, data_config.eval_crop_fraction)
            if data_config.augment else (0, 0, height, width))
-    return crop_and_resize(example['image'], box, data_config.image_size)
+    return crop_and_resize(example['image'], box,
+                           _split_image_size(data_config, 'eval'))
   except _DECODE_ERRORS as e:
     CorruptImageCounter.record(e, example.get('label'))
     return None
@@ -264,26 +295,108 @@ def train_iterator(data_config, global_batch_size: int, seed: int,
                    source: Source | None = None):
   """An endless, shuffled, augmented, process-sharded batch iterator.
 
-  The result has get_state() -> dict and set_state(dict).
+  In-memory array sources (mnist, fake) are gathered, flipped and shifted a
+  whole batch at a time; encoded images (ImageNet) are decoded and cropped
+  one by one, in data_config.num_workers grain processes (0 = here). The
+  result has get_state() -> dict and set_state(dict).
   """
   batch = local_batch_size(global_batch_size)
   source = source or get_source(data_config, 'train')
-  dataset = grain.MapDataset.source(source.records)
-  dataset = dataset[jax.process_index()::jax.process_count()]
-  dataset = (dataset.seed(seed).shuffle().repeat()
-             .random_map(functools.partial(_preprocess_train_random,
-                                           data_config=data_config))
-             .filter(lambda example: example is not None)
-             .to_iter_dataset()
-             .batch(batch, drop_remainder=True))
+  if isinstance(source.records, _ArrayRecords):
+    indices = grain.MapDataset.range(len(source.records))
+    indices = indices[jax.process_index()::jax.process_count()]
+    dataset = (indices.seed(seed).shuffle().repeat()
+               .batch(batch, drop_remainder=True)
+               .random_map(functools.partial(
+                   _array_batch, records=source.records,
+                   data_config=data_config))
+               .to_iter_dataset())
+  else:
+    dataset = grain.MapDataset.source(source.records)
+    dataset = dataset[jax.process_index()::jax.process_count()]
+    dataset = (dataset.seed(seed).shuffle().repeat()
+               .random_map(functools.partial(_preprocess_train_random,
+                                             data_config=data_config))
+               .filter(lambda example: example is not None)
+               .to_iter_dataset()
+               .batch(batch, drop_remainder=True))
   if data_config.num_workers:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_config.num_workers))
   return iter(dataset)
 
 
+def _array_batch(indices, rng, records, data_config):
+  images = augment_batch(records.images[indices], data_config, rng)
+  return {'images': images, 'labels': records.labels[indices]}
+
+
 def _preprocess_train_random(example, rng, data_config):
   return preprocess_train(example, data_config, rng)
+
+
+class Prefetcher:
+  """Reads a checkpointable iterator in a background thread, up to
+  buffer_size batches ahead of the consumer.
+
+  get_state() is the wrapped iterator's state after the last batch that
+  __next__ *returned*, so a checkpoint taken with batches still in the
+  buffer resumes at the next unseen batch: none skipped, none repeated.
+  """
+
+  def __init__(self, iterator, buffer_size: int = 2):
+    self._iterator = iterator
+    self._buffer_size = buffer_size
+    self._state = copy.deepcopy(iterator.get_state())
+    self._queue = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _fill(self, output: queue.Queue, stop: threading.Event) -> None:
+    try:
+      while not stop.is_set():
+        batch = next(self._iterator)
+        item = (batch, copy.deepcopy(self._iterator.get_state()), None)
+        while not stop.is_set():
+          try:
+            output.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except
+      output.put((None, None, e))  # re-raised in the consumer's thread
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._queue = queue.Queue(self._buffer_size)
+      self._stop = threading.Event()
+      self._thread = threading.Thread(
+          target=self._fill, args=(self._queue, self._stop), daemon=True,
+          name='nfnets-prefetch')
+      self._thread.start()
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self) -> dict:
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self._iterator.set_state(state)
+    self._state = copy.deepcopy(state)
+
+  def close(self) -> None:
+    """Stops the thread; prefetched batches are dropped (not consumed)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
 
 
 def eval_batches(data_config, split: str, global_batch_size: int,
@@ -295,15 +408,22 @@ def eval_batches(data_config, split: str, global_batch_size: int,
   """
   batch = local_batch_size(global_batch_size)
   source = source or get_source(data_config, split)
+  size = _split_image_size(data_config, split)
   total = len(source.records)
   mine = np.arange(jax.process_index(), total, jax.process_count())
   per_process = math.ceil(total / jax.process_count())
   for start in range(0, per_process, batch):
     indices = mine[start:start + batch]
-    images = np.zeros((batch, data_config.image_size, data_config.image_size,
-                       3), np.uint8)
+    images = np.zeros((batch, size, size, 3), np.uint8)
     labels = np.zeros((batch,), np.int32)
     mask = np.zeros((batch,), bool)
+    if isinstance(source.records, _ArrayRecords):  # already eval-sized
+      count = len(indices)
+      images[:count] = source.records.images[indices]
+      labels[:count] = source.records.labels[indices]
+      mask[:count] = True
+      yield {'images': images, 'labels': labels, 'mask': mask}
+      continue
     for row, index in enumerate(indices):
       example = source.records[int(index)]
       image = preprocess_eval(example, data_config)

@@ -1,0 +1,78 @@
+"""What the command-line scripts share: config mistakes and other user
+errors as one or two lines without a traceback, library INFO logs off.
+
+  if __name__ == '__main__':
+    cli.run(main, required=['config', 'workdir'])
+
+Exit codes: 0 done, errors.USER_ERROR_EXIT_CODE (2) for anything the user
+can fix, errors.DIVERGED_EXIT_CODE (3) when training diverged, 1 (with a
+traceback) for a bug.
+"""
+
+import os
+import runpy
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from nfnets import errors
+
+
+def _fail(message: str, code: int = errors.USER_ERROR_EXIT_CODE):
+  print(f'{os.path.basename(sys.argv[0])}: {message}', file=sys.stderr,
+        flush=True)
+  sys.exit(code)
+
+
+def _explain_config_error(argv, error: Exception) -> str:
+  """The override or file behind an error raised while parsing --config."""
+  values = dict(arg[2:].split('=', 1) for arg in argv[1:]
+                if arg.startswith('--') and '=' in arg)
+  path = values.get('config')
+  if path is not None and not os.path.isfile(path.split(':')[0]):
+    return f'config file {path!r} not found (--config={path}).'
+  try:
+    config = runpy.run_path(path.split(':')[0])['get_config']()
+  except Exception:  # pylint: disable=broad-except
+    return f'cannot load config file {path!r}: {type(error).__name__}: {error}'
+  for name, value in values.items():
+    if not name.startswith('config.'):
+      continue
+    node, walked = config, 'config'
+    for part in name.split('.')[1:]:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = (', '.join(sorted(node.keys()))
+                 if isinstance(node, ml_collections.ConfigDict) else '')
+        return (f'unknown config field {name[len("config."):]!r} in '
+                f'--{name}={value}; {walked} has: {known}.')
+      node, walked = node[part], f'{walked}.{part}'
+  return f'bad config override: {error}'
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}\nPass --helpshort to see the flags.')
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_explain_config_error(argv, e))
+
+
+def run(main, required=()) -> None:
+  """app.run(main) with the behaviour described in the module docstring."""
+  flags.mark_flags_as_required(list(required))
+
+  def wrapped(argv):
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs ~40 lines/save
+    try:
+      main(argv)
+    except errors.TrainingDiverged as e:
+      _fail(f'Training stopped: {e}', errors.DIVERGED_EXIT_CODE)
+    except errors.UserError as e:
+      _fail(f'error: {e}')
+
+  app.run(wrapped, flags_parser=_parse_flags)
