@@ -1,11 +1,12 @@
-"""Parameter and multiply-add counts of any model in nfnets.resnet.
+"""Parameter and multiply-add counts of any model of nfnets.models.
 
 Multiply-adds (MACs) are counted analytically from the shapes of every
 convolution and linear layer, traced with jax.eval_shape (nothing is
 computed, so ResNet-600 at 512 px costs a second). FLOPs ~= 2 * MACs; the
 tests check this against XLA's own cost analysis.
 
-Run `python -m nfnets.counting` for the table of every NF-ResNet variant.
+Run `python -m nfnets.counting` for the tables of every NF-ResNet variant and
+every NF-RegNet variant (at its train and test resolutions).
 """
 
 import math
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from nfnets import layers
 from nfnets import models
+from nfnets import regnet
 from nfnets import resnet
 
 
@@ -70,5 +72,28 @@ def variant_table(image_size: int = 224, **overrides) -> str:
   return '\n'.join(lines)
 
 
+def regnet_variant_table(**overrides) -> str:
+  """Parameters and GMACs of NF-RegNet-B0..B8 at their train and test px.
+
+  The paper's and EfficientNet's "FLOPs" are multiply-adds (the reference
+  code counts one per multiply-add): compare them with the GMACs columns.
+  """
+  setting = ', '.join(f'{k}={v}' for k, v in overrides.items())
+  lines = [f'NF-RegNet ({setting or "defaults: reference widths x 0.75"}), '
+           'GMACs per image at the train and test resolutions',
+           f'{"variant":<8} {"depths":<16} {"params (M)":>10} {"train px":>8} '
+           f'{"GMACs":>7} {"test px":>8} {"GMACs":>7}']
+  for variant, shape in regnet.VARIANTS.items():
+    config = regnet.make_config(variant=variant, **overrides)
+    params, train_macs = count_params_and_macs(config, shape.train_image_size)
+    _, test_macs = count_params_and_macs(config, shape.test_image_size)
+    lines.append(f'{variant:<8} {str(shape.depths):<16} {params / 1e6:>10.3f} '
+                 f'{shape.train_image_size:>8} {train_macs / 1e9:>7.3f} '
+                 f'{shape.test_image_size:>8} {test_macs / 1e9:>7.3f}')
+  return '\n'.join(lines)
+
+
 if __name__ == '__main__':
   print(variant_table())
+  print()
+  print(regnet_variant_table())

@@ -1,6 +1,6 @@
 """One entry point over every model family: config.name picks the module.
 
-Each family module (nfnets.resnet, ...) provides, for its model names:
+Each family module (nfnets.resnet, nfnets.regnet) provides, for its model names:
   build(config) -> hk.TransformedWithState
       init(rng, images, is_training) -> (params, state)
       apply(params, state, rng, images, is_training, return_stats=False)
@@ -12,9 +12,10 @@ Each family module (nfnets.resnet, ...) provides, for its model names:
 experiment.py, spp.py and counting.py go through this module only.
 """
 
+from nfnets import regnet
 from nfnets import resnet
 
-_FAMILIES = (resnet,)
+_FAMILIES = (resnet, regnet)
 
 
 def names() -> tuple[str, ...]:

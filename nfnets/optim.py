@@ -1,8 +1,9 @@
 """Optimizer and loss of the training recipe, all from optax.
 
 SGD with Nesterov momentum, weight decay masked off gains, biases and
-scalars, linear warmup then cosine decay, learning rate scaled by
-batch / 256, optional adaptive gradient clipping (classifier excluded).
+scalars, linear warmup then cosine decay to optim.end_learning_rate,
+learning rate scaled by batch / 256, optional adaptive gradient clipping
+(classifier excluded).
 """
 
 import jax
@@ -12,17 +13,23 @@ import optax
 
 def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
                            steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to 0.
+  """Linear warmup from 0 to the peak, then cosine decay to end_learning_rate.
 
-  Peak = base_learning_rate * batch_size / 256 when scale_by_batch_size.
+  Peak = base_learning_rate * batch_size / 256 when scale_by_batch_size;
+  optim_config.end_learning_rate is absolute (not scaled by the batch):
+  0 for the ResNets, 0.001 for the reference NF-RegNets.
   """
   peak = optim_config.base_learning_rate
   if optim_config.scale_by_batch_size:
     peak *= batch_size / 256
+  end = optim_config.end_learning_rate
+  if not 0 <= end <= peak:
+    raise ValueError(f'optim.end_learning_rate must be in [0, peak learning '
+                     f'rate {peak:g}], got {end}.')
   warmup_steps = int(round(optim_config.warmup_epochs * steps_per_epoch))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=end)
 
 
 def _path_names(path) -> list[str]:
@@ -56,10 +63,28 @@ def make_optimizer(optim_config, schedule: optax.Schedule
   return optax.chain(*chain)
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array,
+def classification_loss(logits: jax.Array, labels_or_targets: jax.Array,
                         label_smoothing: float) -> jax.Array:
-  """Per-example cross entropy, float32. logits [N, K], labels int [N]."""
-  targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+  """Per-example cross entropy, float32 [N].
+
+  Args:
+    logits: [N, K].
+    labels_or_targets: int labels [N], or float targets [N, K] (rows summing
+      to 1, e.g. MixUp/CutMix labels from nfnets.mixing).
+    label_smoothing: s; the targets become (1 - s) * targets + s / K.
+  """
+  if labels_or_targets.ndim == 1 and jnp.issubdtype(labels_or_targets.dtype,
+                                                    jnp.integer):
+    targets = jax.nn.one_hot(labels_or_targets, logits.shape[-1],
+                             dtype=jnp.float32)
+  elif (labels_or_targets.shape == logits.shape
+        and jnp.issubdtype(labels_or_targets.dtype, jnp.floating)):
+    targets = labels_or_targets.astype(jnp.float32)
+  else:
+    raise ValueError(
+        f'Expected int labels [{logits.shape[0]}] or float targets '
+        f'{list(logits.shape)}, got {labels_or_targets.dtype} '
+        f'{list(labels_or_targets.shape)}.')
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)

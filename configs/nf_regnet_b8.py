@@ -1,0 +1,7 @@
+"""NF-RegNet-B8 on ImageNet: the reference recipe (see configs/regnet_base.py)."""
+
+from configs import regnet_base
+
+
+def get_config():
+  return regnet_base.nf_regnet_imagenet('B8')
