@@ -1,21 +1,23 @@
-"""Evaluates a checkpoint with its plain and EMA parameters.
+"""Evaluates a checkpoint with its plain and EMA parameters (read-only).
 
   python eval.py --config=configs/nf_resnet50.py --workdir=/tmp/nf50 \
       [--step=90000] [--split=validation]
 
-Prints the metrics and writes <workdir>/eval_<split>_<step>.json.
+Prints the metrics and writes <workdir>/eval_<split>_<step>.json. Without
+--step it evaluates the newest checkpoint that reads back, naming any newer
+damaged one; it never creates, moves or deletes checkpoints.
 """
 
 import json
 import os
-import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 import experiment
 from nfnets import checkpointing
+from nfnets import cli
+from nfnets import errors
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder with checkpoints/.')
@@ -28,19 +30,35 @@ def main(argv):
   del argv
   config = _CONFIG.value
   split = _SPLIT.value or config.eval_split
+  workdir = _WORKDIR.value
+  if not os.path.isdir(workdir):
+    raise errors.UserError(f'workdir {workdir!r} does not exist.')
   exp = experiment.Experiment(config)
-  checkpointer = checkpointing.Checkpointer(_WORKDIR.value)
-  step = _STEP.value if _STEP.value is not None else checkpointer.latest_step()
-  if step is None:
-    sys.exit(f'No checkpoint in {checkpointer.directory}.')
+  checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
   try:
-    state, _ = checkpointer.restore(step, exp.abstract_state())
-  except (checkpointing.CheckpointMismatchError, FileNotFoundError) as e:
-    sys.exit(str(e))
+    if _STEP.value is None:
+      found = checkpointer.restore_latest_intact(
+          exp.abstract_state(), warn=lambda line: print(line, flush=True))
+      if found is None:
+        raise errors.UserError(f'No checkpoint in {checkpointer.directory}.')
+      step, state = found[0], found[1]
+    else:
+      step = _STEP.value
+      try:
+        state = checkpointer.restore(step, exp.abstract_state())[0]
+      except FileNotFoundError as e:
+        raise errors.UserError(str(e)) from None
+      except checkpointing.CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        raise checkpointing.CheckpointDamaged(
+            f'Checkpoint step {step} in {checkpointer.directory} cannot be '
+            f'read ({type(e).__name__}); available steps: '
+            f'{checkpointer.all_steps()}.') from None
   finally:
     checkpointer.close()
   metrics = exp.evaluate_state(state, split)
-  path = os.path.join(_WORKDIR.value, f'eval_{split}_{step}.json')
+  path = os.path.join(workdir, f'eval_{split}_{step}.json')
   with open(path, 'w') as f:
     json.dump({'step': step, 'split': split, **metrics}, f, indent=1)
   print(f'step {step} {split}: ' + ' '.join(
@@ -48,5 +66,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main, required=['config', 'workdir'])

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from nfnets import errors
 
 
-class CheckpointMismatchError(errors.UserError, ValueError):
+class CheckpointMismatchError(errors.UserError):
   """The stored parameter tree does not fit the configured model."""
 
 

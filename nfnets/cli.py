@@ -68,6 +68,11 @@ def run(main, required=()) -> None:
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs ~40 lines/save
+    if 'config' in flags.FLAGS:
+      try:  # config files load lazily: a missing one fails here
+        flags.FLAGS.config.keys()
+      except Exception as e:  # pylint: disable=broad-except
+        _fail(_explain_config_error(sys.argv, e))
     try:
       main(argv)
     except errors.TrainingDiverged as e:

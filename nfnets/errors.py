@@ -6,7 +6,7 @@ USER_ERROR_EXIT_CODE = 2
 DIVERGED_EXIT_CODE = 3
 
 
-class UserError(Exception):
+class UserError(ValueError):
   """A bad config value, a busy or mismatched workdir, missing data, a full
   disk: the message says what to change."""
 

@@ -50,8 +50,8 @@ def _tiny_config(**train):
 def _final_params(workdir, config):
   exp = experiment.Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir)
-  state, data_state = checkpointer.restore(checkpointer.latest_step(),
-                                           exp.abstract_state())
+  state, data_state, _ = checkpointer.restore(checkpointer.latest_step(),
+                                              exp.abstract_state())
   checkpointer.close()
   return checkpointing.to_host(state), data_state
 
@@ -140,6 +140,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   while time.time() < deadline:
     steps = [d for d in os.listdir(checkpoint_dir) if d.isdigit()] if (
         os.path.isdir(checkpoint_dir)) else []
+    if any(int(s) >= 6 for s in steps):
+      break
+    time.sleep(0.05)
+  # One writer per workdir: a second run is refused, naming the holder.
+  second = _run([*args, f'--workdir={killed}'], check=False)
+  assert second.returncode == 2, second.stderr
+  assert f'PID {process.pid}' in second.stderr and 'Traceback' not in (
+      second.stderr), second.stderr
+  while time.time() < deadline:
+    steps = [d for d in os.listdir(checkpoint_dir) if d.isdigit()]
     if any(int(s) >= 12 for s in steps):
       break
     time.sleep(0.05)
@@ -148,7 +158,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   interrupted_at = checkpointing.Checkpointer(killed).latest_step()
   assert interrupted_at is not None and 12 <= interrupted_at < 24
   resumed = _run([*args, f'--workdir={killed}'])
-  assert 'Resumed from' in resumed.stdout
+  # The lock the killed run left is taken over.
+  assert f'resuming from step {interrupted_at}' in resumed.stdout
+  assert 'Taking over' in resumed.stdout and f'PID {process.pid}' in (
+      resumed.stdout)
+  # One metrics row per (kind, step) although steps after the checkpoint
+  # were logged twice.
+  rows = [(m['kind'], m['step']) for m in metric_writer.read_metrics(killed)]
+  assert len(rows) == len(set(rows)) and ('train', 24) in rows
+  assert rows.count(('eval', 24)) == 1
 
   (straight_state, straight_data), (killed_state, killed_data) = (
       _final_params(straight, config), _final_params(killed, config))
@@ -199,12 +217,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                  '--config.train.checkpoint_every_steps=1',
                  '--config.optim.base_learning_rate=1e30',
                  f'--workdir={workdir}'], check=False)
-  assert result.returncode == 1
-  assert 'Training stopped: Loss is' in result.stderr
-  stopped_at = int(re.search(r'Training stopped: Loss is \S+ at step (\d+)',
-                             result.stderr).group(1))
-  assert stopped_at < 24
+  assert result.returncode == 3
+  stopped_at = int(re.search(
+      r'Training stopped: The loss became NaN or Inf at step (\d+)',
+      result.stderr).group(1))
+  assert stopped_at < 24 and 'Traceback' not in result.stderr
   assert checkpointing.Checkpointer(workdir).latest_step() == stopped_at - 1
+
+
+def test_nan_between_log_steps_is_named_and_never_saved(tmp_path):
+  """The loss is only fetched at log steps: a NaN at step 2 is found at the
+  first log step (6), named as step 2, and nothing is checkpointed."""
+  config = _tiny_config(checkpoint_every_steps=12, log_every_steps=6)
+  config.optim.base_learning_rate = 1e30
+  workdir = str(tmp_path / 'nan')
+  lines = []
+  with pytest.raises(experiment.TrainingDiverged,
+                     match=r'at step (\d+); stopping. No checkpoint') as info:
+    experiment.train_and_evaluate(config, workdir, log=lines.append)
+  assert int(re.search(r'at step (\d+)', str(info.value)).group(1)) < 6
+  assert checkpointing.Checkpointer(workdir).latest_step() is None
 
 
 def test_unwritable_workdir_and_unknown_dataset(tmp_path):
