@@ -32,8 +32,10 @@ from nfnets import counting
 from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
+from nfnets import mixing
 from nfnets import models
 from nfnets import optim
+from nfnets import spp
 from nfnets import workdir as workdir_lib
 
 AXIS = 'data'
@@ -47,6 +49,10 @@ _SUMMED_METRICS = ('loss', 'top1', 'top5', 'grad_norm')
 # and batches already on the devices ahead of the running step.
 _HOST_PREFETCH = 2
 _DEVICE_PREFETCH = 2
+# Signal statistics during training: a fixed batch of N(0, 1) images, as in
+# the paper's SPPs, so the numbers compare with the plots at init.
+_PROBE_BATCH = 16
+_PROBE_SEED = 1234
 
 
 def validate_config(config, device_count: int | None = None) -> None:
@@ -137,9 +143,18 @@ class Experiment:
     self._per_device_train_step = jax.shard_map(
         self._train_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
-    self._train_step = jax.jit(self._per_device_train_step, donate_argnums=0)
+    self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
+    # The same parameters without dropout / stochastic depth and with local
+    # BatchNorm statistics, for deterministic signal statistics.
+    probe_config = copy.deepcopy(config.model)
+    probe_config.update(dict(bn_axis_name=None, dropout_rate=0.0,
+                             stochastic_depth_rate=0.0))
+    self._probe_model = models.build(probe_config)
+    self.block_plan = models.block_plan(config.model)
+    self._signal_statistics = jax.jit(self._signal_statistics_fn,
+                                      out_shardings=self.replicated)
     self._eval_step = jax.jit(jax.shard_map(
         self._eval_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(), P(AXIS)), out_specs=P()))
@@ -179,19 +194,40 @@ class Experiment:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in local_batch.items()}
 
+  @property
+  def mixing(self) -> bool:
+    return bool(self.config.train.mixup_alpha or self.config.train.cutmix)
+
+  def _train_step_global(self, state, batch):
+    """The jitted step on the global batch: MixUp/CutMix (when on) over the
+    whole batch, so the result does not depend on the number of devices,
+    then the per-device program."""
+    if self.mixing:
+      rng = jax.random.wrap_key_data(state['rng'])
+      mix_rng = jax.random.split(jax.random.fold_in(rng, state['step']))[1]
+      images, targets = mixing.mix_batch(
+          mix_rng, self._normalize(batch['images']), batch['labels'],
+          self.config.model.num_classes, self.config.train.mixup_alpha,
+          self.config.train.cutmix)
+      batch = dict(batch, images=images, targets=targets)
+    return self._per_device_train_step(state, batch)
+
   def _train_step_per_device(self, state, batch):
     config = self.config
     rng = jax.random.wrap_key_data(state['rng'])
     rng = jax.random.fold_in(jax.random.fold_in(rng, state['step']),
                              jax.lax.axis_index(AXIS))
-    images = self._normalize(batch['images'])
+    images = batch['images']
+    if images.dtype == jnp.uint8:  # not mixed: normalized here, per device
+      images = self._normalize(images)
     labels = batch['labels']
+    targets = batch.get('targets', labels)
 
     def loss_fn(params):
       logits, bn_state = self.train_model.apply(
           params, state['bn_state'], rng, images, is_training=True)
       loss = optim.classification_loss(
-          logits, labels, config.optim.label_smoothing).mean()
+          logits, targets, config.optim.label_smoothing).mean()
       # The global-batch mean. Differentiating it with respect to the
       # replicated parameters gives the global gradient, already summed over
       # the mesh by shard_map's transpose rules (no explicit pmean needed).
@@ -234,7 +270,7 @@ class Experiment:
         learning_rate=jnp.zeros((), jnp.float32)), self.replicated)
 
   def _train_and_accumulate(self, state, batch, accumulator):
-    new_state, metrics = self._per_device_train_step(state, batch)
+    new_state, metrics = self._train_step_global(state, batch)
     finite = jnp.isfinite(metrics['loss'])
     first = accumulator['first_nonfinite_step']
     accumulator = dict(
@@ -272,6 +308,22 @@ class Experiment:
         batch = next(iterator)
         queued.append((self.shard_batch(batch), iterator.get_state()))
       yield queued.popleft()
+
+  def _signal_statistics_fn(self, params, bn_state):
+    size = self.config.data.image_size
+    images = jax.random.normal(jax.random.key(_PROBE_SEED),
+                               (_PROBE_BATCH, size, size, 3), self.compute_dtype)
+    (_, stats), _ = self._probe_model.apply(params, bn_state, None, images,
+                                            True, True)
+    return stats
+
+  def signal_statistics(self, state) -> dict:
+    """Per-block statistics (squared_mean, variance [blocks + 1],
+    residual_variance [blocks]; numpy) of the current parameters on a fixed
+    batch of N(0, 1) images, BatchNorm in training mode."""
+    with jax.set_mesh(self.mesh):
+      stats = self._signal_statistics(state['params'], state['bn_state'])
+    return jax.tree.map(np.asarray, stats)
 
   def _eval_step_per_device(self, params, bn_state, batch):
     logits, _ = self.model.apply(params, bn_state, None,
@@ -449,6 +501,10 @@ def _train(config, workdir, allow_config_change, log) -> dict:
     step_fn = experiment.compile_loop_step(state, accumulator)
     log(f'Compiled the train step in {time.time() - compile_start:.1f} s.')
     progress = _Progress(step, total, train.batch_size)
+    signal_every = train.signal_stats_every_steps
+    latest_signal = None
+    if signal_every and step % signal_every == 0:
+      latest_signal = _log_signal_statistics(experiment, state, step, writer)
     batches = experiment.device_batches(iterator)
     previous_done = None
 
@@ -490,11 +546,17 @@ def _train(config, workdir, allow_config_change, log) -> dict:
             f'{metrics["images_per_second"]:,.0f} img/s, data wait '
             f'{100 * metrics["data_wait_fraction"]:.0f}%, {eta}')
         accumulator = experiment.new_accumulator()
+      if signal_every and step % signal_every == 0:
+        check_finite()
+        latest_signal = _log_signal_statistics(experiment, state, step,
+                                               writer)
       if (train.eval_every_steps and step % train.eval_every_steps == 0
           ) or last:
         check_finite()
         eval_metrics = experiment.evaluate_state(state, config.eval_split)
         writer.write(step, 'eval', eval_metrics)
+        if latest_signal is not None:
+          _log_signal_plot(experiment, latest_signal, writer)
         log(f'eval {config.eval_split} at step {step}: '
             + _format_metrics(eval_metrics, sorted(eval_metrics)))
       if step % train.checkpoint_every_steps == 0 or last:
@@ -509,6 +571,25 @@ def _train(config, workdir, allow_config_change, log) -> dict:
       f'training. Final eval {config.eval_split}: '
       + _format_metrics(eval_metrics, sorted(eval_metrics)))
   return eval_metrics
+
+
+def _log_signal_statistics(experiment, state, step, writer):
+  """Per-stage scalars to metrics.jsonl (kind 'signal') and TensorBoard;
+  returns (step, per-block statistics) for the plot at the next eval."""
+  stats = experiment.signal_statistics(state)
+  writer.write(step, 'signal', spp.stage_statistics(stats,
+                                                    experiment.block_plan))
+  return step, stats
+
+
+def _log_signal_plot(experiment, latest_signal, writer) -> None:
+  """The SPP panels of the latest statistics as a TensorBoard image."""
+  step, stats = latest_signal
+  model = experiment.config.model
+  alpha = model.alpha if model.name.startswith('nf_') else None
+  result = spp.from_stats(f'step {step}', experiment.block_plan, stats, alpha)
+  writer.write_image(step, 'signal/spp', spp.render(
+      [result], title=f'{model.name} at step {step} (N(0, 1) probe batch)'))
 
 
 def _read_json(path: str) -> dict | None:

@@ -106,12 +106,14 @@ def _imagenet(split: str, data_dir: str | None) -> Source:
     records = tfds.data_source(
         'imagenet2012', split=split, data_dir=data_dir, download=False,
         decoders={'image': tfds.decode.SkipDecoding()})
-  except Exception as e:  # tfds raises several types for a missing dataset
+  except Exception:  # pylint: disable=broad-except
+    # tfds raises several types here, some advising to delete the data
+    # folder, which is wrong for a dataset that was never prepared.
     raise FileNotFoundError(
-        f'imagenet2012 ({split}) is not prepared in data_dir={data_dir!r} '
-        f'({type(e).__name__}: {e}). Prepare it once from the manual '
-        'download: python -m nfnets.prepare_imagenet --manual_dir=DIR '
-        '--data_dir=DIR (README.md, section "ImageNet").') from e
+        f'imagenet2012 ({split}) is not prepared in data_dir={data_dir!r}. '
+        'Prepare it once from the manual download: python -m '
+        'nfnets.prepare_imagenet --manual_dir=DIR --data_dir=DIR (README.md, '
+        'section "ImageNet").') from None
   return Source(records, 1000, IMAGENET_MEAN, IMAGENET_STD)
 
 

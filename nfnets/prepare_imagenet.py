@@ -4,6 +4,10 @@
 
 DIR (manual) holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from
 image-net.org. The result is read by `tfds.data_source('imagenet2012')`.
+Before converting, every image of both tars is counted (headers only, a few
+minutes) and a count other than ILSVRC2012's (1,281,167 train, 50,000
+validation) is refused, naming the tar: a truncated download must not become
+a silently smaller dataset. --allow_subset accepts other counts (tests).
 
 TensorFlow is not needed: tfds's imagenet2012 builder and its archive reader
 only touch `tf.io.gfile.exists`, `tf.io.gfile.GFile` and
@@ -16,11 +20,14 @@ import os
 import tarfile
 import types
 
-from absl import app
 from absl import flags
+
+from nfnets import cli
+from nfnets import errors
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
+EXPECTED_COUNTS = {TRAIN_TAR: 1_281_167, VAL_TAR: 50_000}
 
 
 def _local_tf_shim():
@@ -51,9 +58,45 @@ def check_manual_dir(manual_dir: str) -> None:
           f'"*{inner_suffix}" file.')
 
 
-def prepare(manual_dir: str, data_dir: str) -> str:
+def count_images(path: str) -> int:
+  """JPEG files in an ILSVRC2012 tar (the train tar's inside its per-class
+  tars). Raises ValueError naming the tar if it is cut mid-file."""
+  count = 0
+  try:
+    with tarfile.open(path) as archive:
+      for member in archive:
+        if member.name.endswith('.JPEG'):
+          count += 1
+        elif member.name.endswith('.tar'):
+          with tarfile.open(fileobj=archive.extractfile(member)) as inner:
+            count += sum(m.name.endswith('.JPEG') for m in inner)
+  except (tarfile.TarError, OSError, EOFError) as e:
+    raise ValueError(
+        f'{path} is damaged or truncated after {count:,} images ({e}); '
+        'download it again.') from None
+  return count
+
+
+def check_counts(manual_dir: str, allow_subset: bool = False) -> dict:
+  """{tar name: image count}; raises ValueError for a count that is not
+  ILSVRC2012's unless allow_subset."""
+  counts = {}
+  for name, expected in EXPECTED_COUNTS.items():
+    path = os.path.join(manual_dir, name)
+    counts[name] = count_images(path)
+    if counts[name] != expected and not allow_subset:
+      raise ValueError(
+          f'{path} holds {counts[name]:,} images, ILSVRC2012 has '
+          f'{expected:,}: the file is truncated or not the original; '
+          'download it again (or pass --allow_subset for a deliberate '
+          'subset).')
+  return counts
+
+
+def prepare(manual_dir: str, data_dir: str, allow_subset: bool = False) -> str:
   """Converts the tars into array_record under data_dir; returns its path."""
   check_manual_dir(manual_dir)
+  check_counts(manual_dir, allow_subset)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.download import extractor  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as builder_module  # pylint: disable=g-import-not-at-top
@@ -71,13 +114,19 @@ def prepare(manual_dir: str, data_dir: str) -> str:
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None,
                                   'Folder with the two ILSVRC2012 tars.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfds data dir to write.')
+_ALLOW_SUBSET = flags.DEFINE_bool(
+    'allow_subset', False, 'Accept tars with fewer (or more) images than '
+    'ILSVRC2012 (1,281,167 train, 50,000 validation).')
 
 
 def main(argv):
   del argv
-  print(f'prepared: {prepare(_MANUAL_DIR.value, _DATA_DIR.value)}')
+  try:
+    path = prepare(_MANUAL_DIR.value, _DATA_DIR.value, _ALLOW_SUBSET.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise errors.UserError(str(e)) from None
+  print(f'prepared: {path}')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['manual_dir', 'data_dir'])
-  app.run(main)
+  cli.run(main, required=['manual_dir', 'data_dir'])

@@ -65,9 +65,15 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
   from nfnets import data
   assert jax.device_count() == 8, jax.devices()
   result = {}
-  for name in ('nf_resnet', 'bn_resnet'):
+  final = {}
+  for name, model, mixed in (('nf_resnet', 'nf_resnet', False),
+                             ('bn_resnet', 'bn_resnet', False),
+                             ('nf_mixup_cutmix', 'nf_resnet', True)):
     config = quickstart.get_config()
-    config.model.name = name
+    config.model.name = model
+    if mixed:  # MixUp + CutMix over the global batch
+      config.train.mixup_alpha = 0.2
+      config.train.cutmix = True
     config.train.batch_size = 32
     config.train.steps = 10
     source = data.get_source(config.data, 'train')
@@ -85,6 +91,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
                 for a, b in zip(jax.tree.leaves(params[0]),
                                 jax.tree.leaves(params[1])))
     result[name] = worst
+    final[name] = params[1]
+  result['mixing_moves_params'] = max(
+      float(np.max(np.abs(a - b))) for a, b in zip(
+          jax.tree.leaves(final['nf_resnet']),
+          jax.tree.leaves(final['nf_mixup_cutmix'])))
   try:
     config.train.batch_size = 12
     experiment.Experiment(config)
@@ -103,6 +114,8 @@ def test_eight_devices_equal_one_device():
   # Two SGD steps, BatchNorm statistics synchronized across the 8 devices.
   assert values['nf_resnet'] < 1e-5, values
   assert values['bn_resnet'] < 1e-5, values
+  assert values['nf_mixup_cutmix'] < 1e-5, values
+  assert values['mixing_moves_params'] > 1e-4, values
   assert 'not divisible by the 8 devices' in values['bad_batch']
 
 

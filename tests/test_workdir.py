@@ -26,7 +26,8 @@ def _config(**train):
   config.model.width = 0.125
   config.train.update({**dict(steps=18, batch_size=32, eval_batch_size=200,
                               checkpoint_every_steps=6, log_every_steps=6,
-                              eval_every_steps=0), **train})
+                              eval_every_steps=0,
+                              signal_stats_every_steps=6), **train})
   return config
 
 
@@ -47,6 +48,20 @@ def test_console_has_start_progress_and_end_lines(trained):
   assert all('img/s' in l and 'data wait' in l and 'ETA' in l
              for l in progress)
   assert lines[-1].startswith('Done: 18 steps') and 'top1=' in lines[-1]
+
+
+def test_signal_statistics_are_logged_during_training(trained):
+  workdir, _, _ = trained
+  rows = [r for r in metric_writer.read_metrics(workdir)
+          if r['kind'] == 'signal']
+  assert [r['step'] for r in rows] == [0, 6, 12, 18]
+  for row in rows:
+    assert {f'stage{s}/{name}' for s in range(1, 5) for name in (
+        'squared_mean', 'variance', 'residual_variance')} <= set(row)
+  # At init, Scaled WS + gamma keep every residual branch near unit variance.
+  first = rows[0]
+  for stage in range(1, 5):
+    assert 0.6 < first[f'stage{stage}/residual_variance'] < 1.6, first
 
 
 def _damage(checkpoint: str, kind: str) -> None:
