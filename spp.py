@@ -4,7 +4,9 @@
   python spp.py --config=configs/spp/fig2.py --config.output_dir=/tmp/fig2 \
       --config.models.nf_scaled_ws.alpha=0.5
 
-Writes <output_dir>/spp.png and spp.csv and prints a per-stage summary.
+Writes <output_dir>/spp.png and spp.csv and prints a per-stage summary. The
+whole preset (model names, options, image size) is checked before any model
+runs.
 """
 
 import resource
@@ -22,10 +24,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'SPP preset file.')
 def main(argv):
   del argv
   config = _CONFIG.value
+  spp.check_preset(config)
   start = time.time()
   results = spp.run(dict(config.models.items()), config.image_size,
                     config.batch_size, config.seed, config.output_dir,
-                    config.get('title', ''))
+                    config.get('title', ''), config.get('log_scale', False))
   print(spp.summary_table(results))
   peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f'wrote {config.output_dir}/spp.png and spp.csv; '

@@ -27,9 +27,11 @@ import ml_collections
 
 from nfnets import activations
 from nfnets import layers
+from nfnets import signal_stats
 
 MODELS = ('nf_resnet', 'bn_resnet', 'skipinit_resnet', 'fixup_resnet')
 BN_ORDERS = ('bn_relu_conv', 'relu_bn_conv')
+CONV_INITS = ('variance_preserving', 'he')
 VARIANTS = {
     'ResNet26': (2, 2, 2, 2),
     'ResNet50': (3, 4, 6, 3),
@@ -59,7 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_classes=1000,
       activation='relu',         # a name in activations.ACTIVATIONS
       # Multiplier on the activation. None: gamma(activation) with Scaled WS,
-      # 1 with plain He-init convs (whose factor 2 plays gamma's role).
+      # 1 with plain convs (whose init scale, see conv_init, plays gamma's role).
       activation_gamma=None,
       alpha=0.2,                 # nf_resnet: residual-branch scale
       skip_gain_init=0.0,        # nf/skipinit: 0 to train, 1 for SPPs
@@ -71,6 +73,16 @@ def default_config() -> ml_collections.ConfigDict:
       stochastic_depth_scale_by_keep=True,
       dropout_rate=0.0,          # before the classifier
       bn_order='bn_relu_conv',   # bn_resnet: one of BN_ORDERS
+      # Init of the plain (not Scaled-WS) convs inside residual blocks, i.e.
+      # every model but Scaled-WS nf_resnet; the stem conv is He in both.
+      # 'variance_preserving': N(0, 1 / (fan_in * E[a^2])) where a is the
+      #   conv's input at init: a BatchNorm output (relu_bn_conv order,
+      #   E[a^2] = 1) or the unscaled activation of a unit Gaussian
+      #   (E[relu(z)^2] = 1/2, i.e. He init for ReLU; 1 for identity).
+      # 'he': N(0, 2 / fan_in) everywhere, the previous behaviour; He's factor
+      #   2 preserves variance only after a ReLU, so it doubles the variance
+      #   of every ReLU-BN-Conv branch (residual variance 2, not 1).
+      conv_init='variance_preserving',
       bn_decay=0.9,
       bn_eps=1e-5,
       # Mesh axis over which BatchNorm averages batch statistics (data
@@ -119,6 +131,9 @@ def validate_config(config) -> None:
                      f'{BN_ORDERS}.')
   if not config.se_ratio > 0:
     raise ValueError(f'se_ratio must be > 0, got {config.se_ratio}.')
+  if config.conv_init not in CONV_INITS:
+    raise ValueError(f'Unknown conv_init {config.conv_init!r}; allowed: '
+                     f'{CONV_INITS}.')
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:
@@ -180,12 +195,33 @@ def block_plan(config) -> list[BlockSpec]:
   return plan
 
 
-def _channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x: [N, H, W, C] -> (average channel squared mean, average channel var)."""
-  x = x.astype(jnp.float32)
-  mean = jnp.mean(x, axis=(0, 1, 2))
-  var = jnp.var(x, axis=(0, 1, 2))
-  return jnp.mean(mean**2), jnp.mean(var)
+# nfnets/regnet.py reads the statistics helper under this name.
+_channel_stats = signal_stats.channel_stats
+
+
+def conv_input_second_moment(config) -> float:
+  """E[a^2] of what a conv inside a block sees at init, for unit Gaussian
+  pre-activations: a BatchNorm output (relu_bn_conv) or the unscaled
+  activation g(z), z ~ N(0, 1) (closed form 1/2 for ReLU, else quadrature).
+  """
+  if config.name == 'bn_resnet' and config.bn_order == 'relu_bn_conv':
+    return 1.0
+  name = activations.canonical_name(config.activation)
+  if name == 'relu':
+    return 0.5
+  mean, variance = activations.gaussian_moments(activations.ACTIVATIONS[name])
+  return mean**2 + variance
+
+
+def block_conv_init_scale(config) -> float:
+  """Multiplier on He init (std sqrt(2 / fan_in)) for plain convs in blocks.
+
+  'variance_preserving' gives std sqrt(1 / (fan_in * E[a^2])) (see
+  conv_input_second_moment), which is He's for a ReLU input; 'he' gives 1.
+  """
+  if config.conv_init == 'he':
+    return 1.0
+  return math.sqrt(0.5 / conv_input_second_moment(config))
 
 
 class ResNet(hk.Module):
@@ -193,13 +229,9 @@ class ResNet(hk.Module):
 
   Call with images [N, H, W, 3] (any float dtype; the network runs in it) and
   is_training; returns logits [N, num_classes] in float32, plus with
-  return_stats=True a dict of signal statistics, all float32:
-    'squared_mean', 'variance': [num_blocks + 1], the average channel squared
-      mean and average channel variance of the stem output (entry 0) and of
-      every block's output after the addition;
-    'residual_variance': [num_blocks], the average channel variance of every
-      residual branch's output before stochastic depth, skip gain and alpha.
-  Statistics are over the local batch (N, H, W).
+  return_stats=True the dict of nfnets.signal_stats ('squared_mean' and
+  'variance' [num_blocks + 1], stem output first; 'residual_variance'
+  [num_blocks]), over the local batch.
   """
 
   def __init__(self, config, name: str | None = None):
@@ -212,16 +244,22 @@ class ResNet(hk.Module):
     gain = config.activation_gamma
     if gain is None and not self.scaled_ws:
       gain = 1.0
-    self.activation = activations.get_activation(config.activation, gain)
+    # gamma and E[g(z)^2] are integrated numerically: that must run eagerly
+    # even when the model is first built inside a jit / eval_shape trace.
+    with jax.ensure_compile_time_eval():
+      self.activation = activations.get_activation(config.activation, gain)
+      self.block_conv_scale = block_conv_init_scale(config)
     self.fixup_scale = len(self.plan) ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
 
   def _conv(self, channels, kernel, stride=1, *, name, is_last=False):
     if self.scaled_ws:
       return layers.WSConv2D(channels, kernel, stride, eps=self.config.ws_eps,
                              name=name)
-    init_scale = 1.0
-    if self.kind == 'fixup_resnet' and 'block' in name:
-      init_scale = 0.0 if is_last else self.fixup_scale
+    init_scale = 1.0  # He for the stem, which sees the image
+    if 'block' in name:
+      init_scale = self.block_conv_scale
+      if self.kind == 'fixup_resnet':
+        init_scale *= 0.0 if is_last else self.fixup_scale
     return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
                          with_bias=self.kind == 'nf_resnet', name=name)
 
@@ -286,13 +324,13 @@ class ResNet(hk.Module):
                    name='stem_conv')(images)
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                     padding='SAME')
-    stats = [_channel_stats(x)]
-    residual_variances = []
+    recorder = signal_stats.SignalRecorder()
+    if return_stats:
+      recorder.record_stem(x)
     for spec in self.plan:
       x, branch = self._block(x, spec, is_training)
       if return_stats:
-        stats.append(_channel_stats(x))
-        residual_variances.append(_channel_stats(branch)[1])
+        recorder.record_block(x, branch)
     x = self._preactivate(x, is_training, 'head_preact')
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if is_training and config.dropout_rate > 0:
@@ -303,9 +341,7 @@ class ResNet(hk.Module):
         features)
     if not return_stats:
       return logits
-    squared_mean, variance = (jnp.stack(s) for s in zip(*stats))
-    return logits, dict(squared_mean=squared_mean, variance=variance,
-                        residual_variance=jnp.stack(residual_variances))
+    return logits, recorder.stats()
 
 
 def build(config) -> hk.TransformedWithState:

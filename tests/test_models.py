@@ -61,6 +61,76 @@ def test_he_init_convs_show_growing_mean_shift():
   assert np.all(squared_mean / variance > 10 * ws_ratio)
 
 
+@functools.cache
+def _bn_signal_stats(bn_order: str, conv_init: str):
+  """SPP statistics of a 12-block BN ResNet at init (width 1/8, 32 px)."""
+  config = resnet.make_config(name='bn_resnet', depths=(3, 3, 3, 3),
+                              width=1 / 8, bn_order=bn_order,
+                              conv_init=conv_init, num_classes=10)
+  images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
+  init, apply = jitted(resnet.build(config))
+  params, state = init(jax.random.key(1), images, True)
+  (_, stats), _ = apply(params, state, None, images, True, True)
+  return params, jax.tree.map(np.asarray, stats)
+
+
+@pytest.mark.parametrize('bn_order,conv_init,branch_variance', [
+    # Convs fed by BatchNorm get fan-in scale 1: branches preserve BN's 1.
+    ('relu_bn_conv', 'variance_preserving', 1.0),
+    # He's factor 2 after BatchNorm doubles it (the old behaviour).
+    ('relu_bn_conv', 'he', 2.0),
+    # Convs fed by a ReLU keep He's factor 2: second moment 1, of which the
+    # squared channel mean takes 1/pi, the variance 1 - 1/pi.
+    ('bn_relu_conv', 'variance_preserving', 1 - 1 / np.pi),
+])
+def test_bn_resnet_branch_and_stage_end_variance(bn_order, conv_init,
+                                                 branch_variance):
+  _, stats = _bn_signal_stats(bn_order, conv_init)
+  stage = np.repeat(np.arange(4), 3)
+  for s in range(4):
+    np.testing.assert_allclose(
+        stats['residual_variance'][stage == s].mean(), branch_variance,
+        rtol=0.12)
+  # A transition's shortcut conv sees the pre-activated input, so its output
+  # has the branch variance too; each block adds one: a 3-block stage ends
+  # at 4 x the branch variance.
+  stage_ends = stats['variance'][[3, 6, 9, 12]]
+  np.testing.assert_allclose(stage_ends, 4 * branch_variance, rtol=0.15)
+  mean_shift = stats['squared_mean'][1:] > 0.05 * stats['variance'][1:]
+  assert np.all(mean_shift) == (bn_order == 'bn_relu_conv')
+
+
+def test_relu_fed_convs_are_he_initialized_in_both_modes():
+  he_params, _ = _bn_signal_stats('bn_relu_conv', 'he')
+  params, _ = _bn_signal_stats('bn_relu_conv', 'variance_preserving')
+  jax.tree.map(np.testing.assert_array_equal, params, he_params)
+  conv = 'resnet/~_conv/block1_conv0'  # 1x1, fan-in 32
+  assert np.std(params[conv]['w']) == pytest.approx(np.sqrt(2 / 32), rel=0.1)
+  bn_fed_params, _ = _bn_signal_stats('relu_bn_conv', 'variance_preserving')
+  assert np.std(bn_fed_params[conv]['w']) == pytest.approx(np.sqrt(1 / 32),
+                                                           rel=0.1)
+
+
+def test_identity_nonlinearity_has_no_mean_shift():
+  """Paper Fig. 7: plain convs, no ReLU, no channel means; with ReLU, some."""
+  results = {}
+  for activation in ('identity', 'relu'):
+    config = resnet.make_config(
+        depths=(4, 1, 1, 1), width=1 / 8, alpha=1.0, skip_gain_init=1.0,
+        use_scaled_ws=False, activation=activation, num_classes=10)
+    images = jax.random.normal(jax.random.key(0), (8, 128, 128, 3))
+    init, apply = jitted(resnet.build(config))
+    params, state = init(jax.random.key(1), images, True)
+    (_, stats), _ = apply(params, state, None, images, True, True)
+    results[activation] = jax.tree.map(np.asarray, stats)
+  linear, relu = results['identity'], results['relu']
+  # Stage 1 (32 x 32 px): the identity's branches are variance preserving
+  # (fan-in scale 1 for a linear input) and add no channel mean.
+  np.testing.assert_allclose(linear['residual_variance'][:4], 1.0, rtol=0.3)
+  assert np.all(linear['squared_mean'][1:5] < 0.1 * linear['variance'][1:5])
+  assert np.all(relu['squared_mean'][1:5] > linear['squared_mean'][1:5] + 1)
+
+
 def test_block_plan_expected_std_resets_after_transitions():
   config = resnet.make_config(depths=(2, 3, 1, 1), alpha=0.5)
   stds = [spec.expected_std**2 for spec in resnet.block_plan(config)]
@@ -185,6 +255,8 @@ def test_skip_gain_zero_makes_blocks_identity_at_init():
     (dict(stochastic_depth_rate=1.0), r'stochastic_depth_rate must be in \[0, 1\)'),
     (dict(dropout_rate=-0.1), r'dropout_rate must be in \[0, 1\)'),
     (dict(bn_order='conv_bn_relu'), "Unknown bn_order 'conv_bn_relu'"),
+    (dict(conv_init='xavier'), "Unknown conv_init 'xavier'; allowed: "
+                               r"\('variance_preserving', 'he'\)"),
     (dict(depths=(3, 4, 6)), 'depths must be 4 positive integers'),
 ])
 def test_bad_config_raises_clear_error(overrides, message):

@@ -1,7 +1,8 @@
 """Paper Figure 2: NF-ResNet-600 (alpha 1), He-init convs against Scaled WS.
 
-The ReLU-BN-Conv BatchNorm ResNetV2-600 is the reference; N(0, 1) input at
-512 px; skip gains are 1 so that every branch contributes at init.
+The ReLU-BN-Conv BatchNorm ResNetV2-600 (variance-preserving init: its
+branches have variance 1, like the NF branches) is the reference; N(0, 1)
+input at 512 px; skip gains are 1 so that every branch contributes at init.
 """
 
 import ml_collections
@@ -21,7 +22,7 @@ def get_config():
   nf = dict(name='nf_resnet', variant='ResNet600', alpha=1.0,
             skip_gain_init=1.0)
   config.models = ml_collections.ConfigDict({
-      'bn_relu_bn_conv': resnet.make_config(
+      'relu_bn_conv': resnet.make_config(
           name='bn_resnet', variant='ResNet600', bn_order='relu_bn_conv'),
       'nf_he_init': resnet.make_config(use_scaled_ws=False, **nf),
       'nf_scaled_ws': resnet.make_config(use_scaled_ws=True, **nf),

@@ -1,0 +1,69 @@
+"""The statistics of a Signal Propagation Plot, computed inside a forward pass.
+
+Every model family (and any user model measured with nfnets.spp) reports the
+same dict, all float32:
+  'squared_mean' [num_blocks + 1]: average channel squared mean of the stem
+      output (entry 0) and of every residual block's output after the
+      addition;
+  'variance' [num_blocks + 1]: average channel variance of the same tensors;
+  'residual_variance' [num_blocks]: average channel variance of every
+      residual branch's output, before stochastic depth, skip gain and alpha.
+Statistics are over the local batch and all positions (N, H, W).
+"""
+
+import jax
+import jax.numpy as jnp
+
+STAT_KEYS = ('squared_mean', 'variance', 'residual_variance')
+
+
+def channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x: [N, H, W, C] -> (average channel squared mean, average channel var).
+
+  Per channel, the mean and variance over N, H, W; then the average over
+  channels of the squared mean and of the variance. Float32 scalars.
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(0, 1, 2))
+  var = jnp.var(x, axis=(0, 1, 2))
+  return jnp.mean(mean**2), jnp.mean(var)
+
+
+class SignalRecorder:
+  """Collects the statistics block by block, so no activation is kept alive.
+
+  Inside any forward function (Haiku or not):
+    recorder = SignalRecorder()
+    recorder.record_stem(x)                   # once, before the first block
+    recorder.record_block(x, branch)          # after every residual block
+    return recorder.stats()                   # the dict described above
+  """
+
+  def __init__(self):
+    self._squared_means, self._variances, self._residual_variances = [], [], []
+
+  def record_stem(self, x: jax.Array) -> None:
+    """x: [N, H, W, C], the input of the first residual block."""
+    if self._squared_means:
+      raise ValueError('record_stem must be called once, before any block.')
+    self._record(x)
+
+  def record_block(self, output: jax.Array, branch: jax.Array) -> None:
+    """output: the block output after the addition; branch: the residual
+    branch's output before any scaling; both [N, H, W, C]."""
+    if not self._squared_means:
+      raise ValueError('record_stem must be called before record_block.')
+    self._record(output)
+    self._residual_variances.append(channel_stats(branch)[1])
+
+  def _record(self, x):
+    squared_mean, variance = channel_stats(x)
+    self._squared_means.append(squared_mean)
+    self._variances.append(variance)
+
+  def stats(self) -> dict[str, jax.Array]:
+    if not self._residual_variances:
+      raise ValueError('No residual block was recorded.')
+    return dict(squared_mean=jnp.stack(self._squared_means),
+                variance=jnp.stack(self._variances),
+                residual_variance=jnp.stack(self._residual_variances))
