@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable, Iterable, Sequence
 
 from absl import flags
@@ -66,6 +67,7 @@ _FIELD_RE = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
 _SEED_FIELD = 'seed'
 # Results columns besides the axes and the metrics.
 _RUN_COLUMNS = ('seed', 'status', 'reason', 'diverged_step', 'wall_s')
+_TRAILING_COLUMNS = ('overrides', 'code_version', 'workdir')
 _TAIL_LINES = 3
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(_ROOT, 'train.py')
@@ -261,8 +263,12 @@ def load_config(config_path: str, args: Sequence[str]):
   config_flags.DEFINE_config_file('config', None, 'Config file.',
                                   flag_values=flag_values, sys_argv=argv)
   try:
-    flag_values(argv)
-    return flag_values.config
+    with warnings.catch_warnings():
+      # ml_collections loads the config file with importlib's deprecated
+      # load_module(); train.py does the same, nothing for us to change.
+      warnings.filterwarnings('ignore', 'the load_module', DeprecationWarning)
+      flag_values(argv)
+      return flag_values.config
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     raise ValueError(f'{" ".join(args) or config_path}: {e}') from None
 
@@ -375,9 +381,24 @@ def _read_status(point_dir: str) -> dict | None:
     return None
 
 
+def code_version() -> str:
+  """`git describe --always --dirty` of this checkout ('' without git).
+
+  Recorded per point: a result is only comparable with others trained by
+  the same code.
+  """
+  try:
+    return subprocess.run(['git', 'describe', '--always', '--dirty'],
+                          cwd=_ROOT, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ''
+
+
 def _write_status(point_dir: str, point: Point, outcome: Outcome,
-                  config_json: str) -> None:
+                  config_json: str, code: str) -> None:
   record = dataclasses.asdict(outcome) | {
+      'code_version': code,
       'overrides': [list(o) for o in point.overrides],
       'config': json.loads(config_json)}
   path = os.path.join(point_dir, STATUS_FILE)
@@ -443,7 +464,8 @@ def run_points(config_path: str, workdir: str, points: Sequence[Point],
   total, skipped = len(points), len(points) - len(todo)
   log(f'{total} points, {skipped} already done, {len(todo)} to run '
       f'({parallel} at a time).')
-  running = {}  # slot -> (point, process, start time, stderr offset)
+  # slot -> (point, process, start time, stderr offset, code version)
+  running = {}
   outcomes, walls = {}, []
   started_at = time.time()
   try:
@@ -457,10 +479,10 @@ def run_points(config_path: str, workdir: str, points: Sequence[Point],
         offset = os.path.getsize(stderr_path) if os.path.exists(stderr_path) else 0
         process = launch_point(point_command(config_path, point, point_dir),
                                point_dir, environments[slot])
-        running[slot] = (point, process, time.time(), offset)
+        running[slot] = (point, process, time.time(), offset, code_version())
         log(f'[{skipped + len(outcomes)}/{total}] start {point.describe()}')
       time.sleep(poll_s)
-      for slot, (point, process, start, offset) in list(running.items()):
+      for slot, (point, process, start, offset, code) in list(running.items()):
         if process.poll() is None:
           continue
         del running[slot]
@@ -470,7 +492,7 @@ def run_points(config_path: str, workdir: str, points: Sequence[Point],
           stderr = f.read().decode(errors='replace')
         outcome = classify(process.returncode, stderr)
         outcome.wall_s = round(time.time() - start, 1)
-        _write_status(point_dir, point, outcome, config_json[point.name])
+        _write_status(point_dir, point, outcome, config_json[point.name], code)
         outcomes[point.name] = outcome
         walls.append(outcome.wall_s)
         done, left = skipped + len(outcomes), len(todo) + len(running)
@@ -487,7 +509,7 @@ def run_points(config_path: str, workdir: str, points: Sequence[Point],
         if after_each:
           after_each()
   finally:
-    for point, process, _, _ in running.values():  # interrupted: stop children
+    for _, process, *_ in running.values():  # interrupted: stop children
       process.kill()
       process.wait()
   return outcomes
@@ -510,13 +532,14 @@ def collect(workdir: str, points: Sequence[Point]) -> list[dict]:
     if status['status'] == 'finished':
       row.update(final_eval(point_dir))
     row['overrides'] = ' '.join(point.args()[:-1])  # seed has its column
+    row['code_version'] = status.get('code_version', '')
     row['workdir'] = point.name
     rows.append(row)
   return rows
 
 
 def metric_names(rows: Sequence[dict]) -> list[str]:
-  fixed = set(_RUN_COLUMNS) | {'overrides', 'workdir'}
+  fixed = set(_RUN_COLUMNS) | set(_TRAILING_COLUMNS)
   names = []
   for row in rows:
     names += [k for k in row if k not in fixed and k not in names]
@@ -526,7 +549,7 @@ def metric_names(rows: Sequence[dict]) -> list[str]:
 def write_csv(path: str, axes: Sequence[Axis], rows: Sequence[dict]) -> None:
   axis_names = [a.name for a in axes]
   metrics = [m for m in metric_names(rows) if m not in axis_names]
-  columns = [*axis_names, *_RUN_COLUMNS, *metrics, 'overrides', 'workdir']
+  columns = [*axis_names, *_RUN_COLUMNS, *metrics, *_TRAILING_COLUMNS]
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, columns, restval='')
     writer.writeheader()
