@@ -147,8 +147,8 @@ def from_stats(label: str, plan: Sequence, stats: Mapping,
   panels during training. alpha: NF models' alpha for the expected
   variance (None: unknown)."""
   plan = tuple(plan)
+  _check_stat_shapes({k: np.shape(v) for k, v in stats.items()}, len(plan))
   stats = {key: np.asarray(stats[key], np.float64) for key in STAT_KEYS}
-  _check_stat_shapes({k: v.shape for k, v in stats.items()}, len(plan))
   return SignalPropagation(
       label=label, plan=plan, squared_mean=stats['squared_mean'],
       variance=stats['variance'],
