@@ -17,6 +17,7 @@ import experiment
 from configs import quickstart
 from nfnets import checkpointing
 from nfnets import data
+from nfnets import errors
 from nfnets import metric_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +40,9 @@ def _run(args, env=None, timeout=600, check=True):
 
 def _tiny_config(**train):
   config = quickstart.get_config()
-  config.train.update(dict(steps=24, batch_size=32, eval_batch_size=200,
-                           checkpoint_every_steps=6, log_every_steps=6,
-                           eval_every_steps=12, **train))
+  config.train.update({**dict(steps=24, batch_size=32, eval_batch_size=200,
+                              checkpoint_every_steps=6, log_every_steps=6,
+                              eval_every_steps=12), **train})
   config.model.update(dict(dropout_rate=0.2, stochastic_depth_rate=0.2))
   config.optim.ema_decay = 0.9
   return config
@@ -76,6 +77,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
       config.train.cutmix = True
     config.train.batch_size = 32
     config.train.steps = 10
+    config.optim.warmup_epochs = 0.0  # full learning rate: params move
     source = data.get_source(config.data, 'train')
     batches = [{'images': source.records.images[i * 32:(i + 1) * 32],
                 'labels': source.records.labels[i * 32:(i + 1) * 32]}
@@ -111,11 +113,12 @@ def test_eight_devices_equal_one_device():
                 env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
   values = json.loads(line[len('RESULT'):])
-  # Two SGD steps, BatchNorm statistics synchronized across the 8 devices.
-  assert values['nf_resnet'] < 1e-5, values
-  assert values['bn_resnet'] < 1e-5, values
-  assert values['nf_mixup_cutmix'] < 1e-5, values
-  assert values['mixing_moves_params'] > 1e-4, values
+  # Two SGD steps at full learning rate, BatchNorm statistics synchronized
+  # across the 8 devices; float32 sums in another order differ by ~1e-5.
+  assert values['nf_resnet'] < 3e-5, values
+  assert values['bn_resnet'] < 3e-5, values
+  assert values['nf_mixup_cutmix'] < 3e-5, values
+  assert values['mixing_moves_params'] > 1e-3, values
   assert 'not divisible by the 8 devices' in values['bad_batch']
 
 
@@ -265,7 +268,7 @@ def test_unwritable_workdir_and_unknown_dataset(tmp_path):
   config.data.name = 'imagenet2012'
   config.data.data_dir = str(tmp_path / 'no_data')
   config.model.num_classes = config.data.num_classes = 1000
-  with pytest.raises(FileNotFoundError, match='imagenet2012.*not prepared'):
+  with pytest.raises(errors.UserError, match='imagenet2012.*not prepared'):
     experiment.Experiment(config)
 
 
