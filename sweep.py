@@ -1,4 +1,4 @@
-"""Runs a grid of train.py config overrides and collects the results.
+r"""Runs a grid of train.py config overrides and collects the results.
 
   python sweep.py --config=configs/quickstart.py --workdir=runs/batch_study \
       --sweep=model.name=nf_resnet,bn_resnet \
@@ -26,7 +26,9 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
+from nfnets import errors
 from nfnets import sweep
 
 _CONFIG = flags.DEFINE_string('config', None, 'Config file for train.py.')
@@ -52,6 +54,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # as train.py: no library INFO logs
   try:
     if not _SWEEP.value:
       raise ValueError('No --sweep given: name at least one axis, e.g. '
@@ -66,7 +70,7 @@ def main(argv):
     configs = sweep.validate_grid(_CONFIG.value, points)
   except ValueError as e:
     print(f'sweep.py: {e}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(errors.USER_ERROR_EXIT_CODE)
   if _DRY_RUN.value:
     for point in points:
       print(f'{point.name}: {" ".join(point.args())}')

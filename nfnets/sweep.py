@@ -51,16 +51,13 @@ from typing import Callable, Iterable, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from nfnets import errors
+
 STATUS_FILE = 'sweep_point.json'
 # Outcomes that a rerun does not repeat: the same config gives the same result
 # (training is deterministic). 'failed' (exit 2, e.g. a locked workdir) and
 # 'crashed' are retried.
 FINAL_STATUSES = ('finished', 'diverged')
-# train.py exit codes (see its module docstring): 0 finished, 3 loss became
-# NaN/Inf, 2 user error; older train.py exits 1 with 'Training stopped: Loss
-# is ...' for a divergence.
-EXIT_DIVERGED = 3
-EXIT_USER_ERROR = 2
 _STOPPED = 'Training stopped:'
 _STEP_RE = re.compile(r'at step (\d+)')
 _FIELD_RE = re.compile(r'^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$')
@@ -361,10 +358,10 @@ def classify(returncode: int, stderr: str) -> Outcome:
   step = _STEP_RE.search(stopped[-1]) if stopped else None
   if returncode == 0:
     return Outcome('finished', returncode=0)
-  if returncode == EXIT_DIVERGED or (returncode == 1 and step):
+  if returncode == errors.DIVERGED_EXIT_CODE or (returncode == 1 and step):
     return Outcome('diverged', stopped[-1] if stopped else tail,
                    int(step.group(1)) if step else None, returncode=returncode)
-  if returncode == EXIT_USER_ERROR or stopped:
+  if returncode == errors.USER_ERROR_EXIT_CODE or stopped:
     # train.py prints one or two lines; absl may add a usage hint after them.
     return Outcome('failed', stopped[-1] if stopped else ' | '.join(lines[-2:]),
                    returncode=returncode)
