@@ -16,6 +16,7 @@ from configs import quickstart
 from nfnets import checkpointing
 from nfnets import errors
 from nfnets import metric_writer
+from nfnets import spp
 from nfnets import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,17 +52,21 @@ def test_console_has_start_progress_and_end_lines(trained):
 
 
 def test_signal_statistics_are_logged_during_training(trained):
-  workdir, _, _ = trained
+  workdir, exp, _ = trained
   rows = [r for r in metric_writer.read_metrics(workdir)
           if r['kind'] == 'signal']
   assert [r['step'] for r in rows] == [0, 6, 12, 18]
   for row in rows:
     assert {f'stage{s}/{name}' for s in range(1, 5) for name in (
         'squared_mean', 'variance', 'residual_variance')} <= set(row)
-  # At init, Scaled WS + gamma keep every residual branch near unit variance.
-  first = rows[0]
-  for stage in range(1, 5):
-    assert 0.6 < first[f'stage{stage}/residual_variance'] < 1.6, first
+  # Step 0 is the initial parameters' signal propagation, measured anew.
+  expected = spp.stage_statistics(exp.signal_statistics(exp.init_state()),
+                                  exp.block_plan)
+  for name, value in expected.items():
+    assert rows[0][name] == pytest.approx(value, rel=1e-5), name
+  # Training changes what the network does to its input.
+  assert rows[-1]['stage4/variance'] != pytest.approx(
+      rows[0]['stage4/variance'], rel=1e-4)
 
 
 def _damage(checkpoint: str, kind: str) -> None:
