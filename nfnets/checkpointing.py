@@ -107,12 +107,16 @@ class Checkpointer:
         raise
       self._remove_partial_writes()
       usage = shutil.disk_usage(self.directory)
+      latest = self.latest_step()
       raise DiskFull(
           f'No space left on the disk of {self.directory} '
-          f'({usage.free / 2**20:.0f} MiB free of {usage.total / 2**30:.1f} '
-          f'GiB) while writing the checkpoint of step {step}; the last '
-          f'intact checkpoint is step {self.latest_step()}. Free space and '
-          'rerun the same command to resume from it.') from None
+          f'({_mebibytes(usage.free)} free of {_mebibytes(usage.total)}) '
+          f'while writing the checkpoint of step {step}; '
+          + (f'the last intact checkpoint is step {latest}. Free space and '
+             'rerun the same command to resume from it.'
+             if latest is not None else
+             'no checkpoint was written before. Free space and rerun.')
+      ) from None
 
   def _remove_partial_writes(self) -> None:
     for name in os.listdir(self.directory):
@@ -199,6 +203,10 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _mebibytes(size: int) -> str:
+  return f'{size / 2**20:,.0f} MiB'
 
 
 def _first_line(error: Exception) -> str:

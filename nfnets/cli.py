@@ -68,6 +68,10 @@ def run(main, required=()) -> None:
   def wrapped(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs ~40 lines/save
+      # orbax also logs the errors it raises (a full disk: 100+ lines from
+      # its writer thread); we report those exceptions ourselves.
+      logging.get_absl_logger().addFilter(
+          lambda record: '/orbax/' not in record.pathname)
     if 'config' in flags.FLAGS:
       try:  # config files load lazily: a missing one fails here
         flags.FLAGS.config.keys()
