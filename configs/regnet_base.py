@@ -40,6 +40,7 @@ def nf_regnet_imagenet(variant: str) -> ml_collections.ConfigDict:
       activation='silu',          # model_kwargs activation
       skip_gain_init=0.0,         # reference skip_gain init zeros
       stochastic_depth_rate=0.1,  # model_kwargs stochdepth_rate
+      stochastic_depth_scale_by_keep=False,  # base.StochDepth default
       dropout_rate=shape.dropout_rate,  # base.nf_regnet_params drop_rate
   ))
   config.data.image_size = shape.train_image_size       # train_imsize

@@ -37,7 +37,7 @@ import ml_collections
 
 from nfnets import activations
 from nfnets import layers
-from nfnets import resnet
+from nfnets import signal_stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +73,6 @@ HEAD_CHANNELS = 1280
 HEAD_REFERENCE_CHANNELS = 440
 # EfficientNet's first block does not expand its input.
 FIRST_BLOCK_EXPANSION = 1.0
-# The SPP statistics of nfnets.resnet, so both families report alike.
-_channel_stats = resnet._channel_stats  # pylint: disable=protected-access
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -97,8 +95,9 @@ def default_config() -> ml_collections.ConfigDict:
       se_ratio=0.5,              # SE hidden / expanded channels
       se_activation='relu',      # SE hidden nonlinearity, unscaled (reference)
       stochastic_depth_rate=0.1, # rate of the last block; grows linearly
-      # Divide kept branches by the keep rate (the reference does not).
-      stochastic_depth_scale_by_keep=True,
+      # Divide kept branches by the keep rate; the reference does not (and
+      # nfnets.resnet does by default).
+      stochastic_depth_scale_by_keep=False,
       # Before the classifier; None = the variant's rate.
       dropout_rate=ml_collections.FieldReference(None, field_type=float),
       ws_eps=1e-4,               # floor on fan_in * Var(W)
@@ -257,12 +256,9 @@ def block_plan(config) -> list[BlockSpec]:
 class NFRegNet(hk.Module):
   """NF-RegNet. Call with images [N, H, W, 3] (any float dtype; the network
   runs in it) and is_training; returns logits [N, num_classes] float32, plus
-  with return_stats=True the same float32 statistics as nfnets.resnet.ResNet:
-    'squared_mean', 'variance': [num_blocks + 1], average channel squared
-      mean and variance of the stem output (entry 0) and every block output;
-    'residual_variance': [num_blocks], average channel variance of every
-      residual branch before stochastic depth, skip gain and alpha.
-  Statistics are over the local batch (N, H, W).
+  with return_stats=True the dict of nfnets.signal_stats ('squared_mean' and
+  'variance' [num_blocks + 1], stem output first; 'residual_variance'
+  [num_blocks]), over the local batch.
   """
 
   def __init__(self, config, name: str | None = None):
@@ -319,13 +315,13 @@ class NFRegNet(hk.Module):
     config = self.config
     x = self._conv(stem_channels(config), 3, STEM_STRIDE,
                    name='stem_conv')(images)
-    stats = [_channel_stats(x)] if return_stats else []
-    residual_variances = []
+    recorder = signal_stats.SignalRecorder()
+    if return_stats:
+      recorder.record_stem(x)
     for spec in self.plan:
       x, branch = self._block(x, spec, is_training)
       if return_stats:
-        stats.append(_channel_stats(x))
-        residual_variances.append(_channel_stats(branch)[1])
+        recorder.record_block(x, branch)
     x = self.activation(self._conv(head_channels(config), 1,
                                    name='head_conv')(x))
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -336,9 +332,7 @@ class NFRegNet(hk.Module):
                        name='classifier')(features)
     if not return_stats:
       return logits
-    squared_mean, variance = (jnp.stack(s) for s in zip(*stats))
-    return logits, dict(squared_mean=squared_mean, variance=variance,
-                        residual_variance=jnp.stack(residual_variances))
+    return logits, recorder.stats()
 
 
 def build(config) -> hk.TransformedWithState:

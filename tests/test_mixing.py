@@ -1,0 +1,214 @@
+"""MixUp + CutMix (nfnets.mixing) and the recipe's loss and schedule."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from configs import base
+from nfnets import mixing
+from nfnets import optim
+
+_mix = jax.jit(mixing.mix_batch, static_argnums=(3, 4, 5))
+
+
+def _indexed_batch(batch, size=16):
+  """Image i is the constant i + 1 and has label i: every mixed pixel and
+  target says which examples went into it."""
+  images = jnp.broadcast_to(
+      jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None],
+      (batch, size, size, 3))
+  return images, jnp.arange(batch)
+
+
+@functools.cache
+def _mixed(batch, mixup_alpha, cutmix, seed=0, size=16):
+  images, labels = _indexed_batch(batch, size)
+  out, targets = _mix(jax.random.key(seed), images, labels, batch,
+                      mixup_alpha, cutmix)
+  return np.asarray(images), np.asarray(out), np.asarray(targets)
+
+
+def _own_and_partner_weights(targets):
+  batch = targets.shape[0]
+  rows = np.arange(batch)
+  return targets[rows, rows], targets[rows, batch - 1 - rows]
+
+
+def test_off_returns_images_untouched_and_one_hot_targets():
+  images, labels = _indexed_batch(6)
+  out, targets = mixing.mix_batch(jax.random.key(0), images, labels, 9, 0.0,
+                                  False)
+  assert out is images
+  np.testing.assert_array_equal(targets, np.eye(9)[np.arange(6)])
+  assert targets.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('mixup_alpha,cutmix', [(0.2, True), (0.2, False),
+                                                (0.0, True)])
+def test_targets_are_distributions_over_the_pair(mixup_alpha, cutmix):
+  _, _, targets = _mixed(64, mixup_alpha, cutmix)
+  np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+  own, partner = _own_and_partner_weights(targets)
+  # All the mass is on the example's own label and its partner's (N-1-i).
+  np.testing.assert_allclose(own + partner, 1.0, atol=1e-6)
+  assert np.all(targets >= 0)
+
+
+def test_mixup_half_blends_and_cutmix_half_pastes_the_labelled_area():
+  batch = 64
+  images, out, targets = _mixed(batch, 0.2, True)
+  own, _ = _own_and_partner_weights(targets)
+  value = images[:, 0, 0, 0]
+  partner_value = value[::-1]
+  half = batch // 2
+  # MixUp (first half): every pixel is own * x_i + (1 - own) * x_partner.
+  np.testing.assert_allclose(
+      out[:half], (own[:half] * value[:half] + (1 - own[:half])
+                   * partner_value[:half])[:, None, None, None]
+      * np.ones_like(out[:half]), rtol=1e-5)
+  # CutMix (second half): pixels are either the image's own or its
+  # partner's, and the partner's label weight is exactly the pasted area.
+  cut = out[half:, ..., 0]
+  is_own = cut == value[half:, None, None]
+  is_partner = cut == partner_value[half:, None, None]
+  assert np.all(is_own | is_partner)
+  np.testing.assert_allclose(is_partner.mean(axis=(1, 2)),
+                             1 - own[half:], atol=1e-6)
+  # Every channel is cut alike.
+  assert np.all(out[half:] == out[half:, ..., :1])
+
+
+def test_cutmix_pastes_one_rectangle():
+  images, out, _ = _mixed(32, 0.0, True)
+  partner_value = images[::-1, 0, 0, 0]
+  for example in range(32):
+    pasted = out[example, ..., 0] == partner_value[example]
+    if example == 31 - example or not pasted.any():
+      continue
+    rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+    assert pasted.sum() == len(rows) * len(cols)  # a full box
+    assert np.ptp(rows) + 1 == len(rows) and np.ptp(cols) + 1 == len(cols)
+
+
+def test_mixup_ratio_follows_beta_distribution():
+  # Whole batch MixUp at two alphas: Kolmogorov-Smirnov against the Beta
+  # law (fixed seed, so the test is deterministic).
+  near_ends = {}
+  for alpha in (0.2, 1.0):
+    _, _, targets = _mixed(4096, alpha, False, size=4)
+    own, _ = _own_and_partner_weights(targets)
+    assert scipy_stats.kstest(own, scipy_stats.beta(alpha, alpha).cdf
+                              ).pvalue > 0.01
+    near_ends[alpha] = np.mean((own < 0.1) | (own > 0.9))
+  # Beta(0.2, 0.2) puts most mass near 0 and 1 (0.67 within 0.1 of
+  # them); Beta(1, 1) is uniform (0.2).
+  assert near_ends[0.2] > 0.6 and near_ends[1.0] < 0.25
+
+
+def test_cutmix_box_area_is_uniform_and_clipped():
+  num, height, width = 4096, 32, 48
+  area, top, left, bottom, right = jax.tree.map(
+      np.asarray, mixing.sample_cutmix_boxes(jax.random.key(3), num, height,
+                                             width))
+  assert scipy_stats.kstest(area, 'uniform').pvalue > 0.01
+  assert np.all((0 <= top) & (top <= bottom) & (bottom <= height))
+  assert np.all((0 <= left) & (left <= right) & (right <= width))
+  pasted = (bottom - top) * (right - left) / (height * width)
+  # Clipping at the border only ever shrinks the box (up to rounding of
+  # the sides to whole pixels).
+  side_rounding = 1 / height + 1 / width
+  assert np.all(pasted <= area + 2 * side_rounding)
+  assert 0.2 < pasted.mean() < area.mean()
+  masks = np.asarray(mixing.box_masks(top, left, bottom, right, height, width))
+  np.testing.assert_allclose(masks.mean(axis=(1, 2)), pasted)
+
+
+def test_deterministic_per_key():
+  images, labels = _indexed_batch(8)
+  first = _mix(jax.random.key(5), images, labels, 8, 0.2, True)
+  again = _mix(jax.random.key(5), images + 0, labels, 8, 0.2, True)
+  other = _mix(jax.random.key(6), images, labels, 8, 0.2, True)
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(first[1], other[1])
+
+
+def test_bfloat16_images_stay_bfloat16():
+  images, labels = _indexed_batch(4)
+  out, targets = _mix(jax.random.key(0), images.astype(jnp.bfloat16), labels,
+                      4, 0.2, True)
+  assert out.dtype == jnp.bfloat16 and targets.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(mixup_alpha=-0.2), 'mixup_alpha must be a number >= 0'),
+    (dict(mixup_alpha=float('nan')), 'mixup_alpha must be a number >= 0'),
+    (dict(cutmix=1), 'cutmix must be True or False, got 1'),
+    (dict(num_classes=0), 'num_classes must be an integer >= 1, got 0'),
+    (dict(labels=jnp.zeros((3,), jnp.int32)), r'labels must be \[N\]'),
+    (dict(labels=jnp.zeros((4,))), 'labels must be integers'),
+    (dict(images=jnp.zeros((4, 8, 8), jnp.float32)), 'images must be'),
+    (dict(images=jnp.zeros((4, 8, 8, 3), jnp.uint8)),
+     'images must be floating point'),
+])
+def test_bad_inputs_raise_clear_errors(change, message):
+  images, labels = _indexed_batch(4)
+  args = dict(rng=jax.random.key(0), images=images, labels=labels,
+              num_classes=4, mixup_alpha=0.2, cutmix=True)
+  with pytest.raises(ValueError, match=message):
+    mixing.mix_batch(**{**args, **change})
+
+
+def test_loss_accepts_labels_or_soft_targets_with_smoothing():
+  logits = jax.random.normal(jax.random.key(0), (5, 4))
+  labels = jnp.array([0, 3, 1, 1, 2])
+  one_hot = jax.nn.one_hot(labels, 4)
+  for smoothing in (0.0, 0.1):
+    np.testing.assert_allclose(
+        optim.classification_loss(logits, labels, smoothing),
+        optim.classification_loss(logits, one_hot, smoothing), rtol=1e-6)
+  soft = jnp.array([[0.3, 0.7, 0, 0]] * 5)
+  smoothed = 0.9 * soft + 0.1 / 4
+  expected = -jnp.sum(smoothed * jax.nn.log_softmax(logits), axis=-1)
+  np.testing.assert_allclose(optim.classification_loss(logits, soft, 0.1),
+                             expected, rtol=1e-5)
+  with pytest.raises(ValueError, match=r'int labels \[5\] or float targets'):
+    optim.classification_loss(logits, jnp.zeros((5, 3)), 0.0)
+
+
+def test_schedule_decays_to_end_learning_rate():
+  config = base.get_base_config().optim
+  assert float(optim.learning_rate_schedule(config, 256, 100, 2)(100)) == 0.0
+  config.end_learning_rate = 0.001
+  schedule = optim.learning_rate_schedule(config, 1024, 100, 2)
+  assert float(schedule(10)) == pytest.approx(0.4)
+  assert float(schedule(100)) == pytest.approx(0.001)
+  assert float(schedule(55)) == pytest.approx(0.001 + 0.399 / 2, rel=1e-3)
+  config.end_learning_rate = 1.0
+  with pytest.raises(ValueError, match='end_learning_rate must be in'):
+    optim.learning_rate_schedule(config, 256, 100, 2)
+
+
+def test_mixed_targets_train_a_linear_model():
+  """The soft-target loss goes down on mixed batches (gradient sanity)."""
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(3, 8, 8, 1)).astype(np.float32) * 2
+  labels = jnp.asarray(rng.integers(0, 3, 64))
+  images = jnp.asarray(centers[np.asarray(labels)])
+  images, targets = _mix(jax.random.key(1), images, labels, 3, 0.2, True)
+  params = jnp.zeros((64, 3))
+
+  def loss(w):
+    logits = images.reshape(64, -1) @ w
+    return optim.classification_loss(logits, targets, 0.1).mean()
+
+  losses = []
+  for _ in range(20):
+    value, grad = jax.value_and_grad(loss)(params)
+    losses.append(float(value))
+    params = params - 0.05 * grad
+  assert losses[-1] < 0.8 * losses[0]
