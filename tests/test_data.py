@@ -1,6 +1,7 @@
 """Input pipelines: ImageNet prepared from tars in the real layout, MNIST, fake."""
 
 import hashlib
+import io
 import os
 import tarfile
 
@@ -8,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 import imagenet_fixtures
 from nfnets import data
@@ -209,3 +211,139 @@ def test_truncated_tars_are_refused_naming_the_tar_and_count(tmp_path):
   with pytest.raises(ValueError, match=r'ILSVRC2012_img_val.tar is damaged or '
                                        r'truncated after 5 images'):
     prepare_imagenet.check_counts(manual, allow_subset=True)
+
+
+# --- The simplejpeg + OpenCV decode path against the PIL reference. ---
+
+_FIXTURE_SHAPES = ((375, 500), (333, 500), (500, 375), (240, 320), (500, 500))
+
+
+def _encode(image, fmt, **options):
+  """Encoded bytes of a PIL image or a uint8 array."""
+  buffer = io.BytesIO()
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(image)
+  image.save(buffer, format=fmt, **options)
+  return buffer.getvalue()
+
+
+def _mean_abs_diff(a, b):
+  return float(np.abs(a.astype(np.int32) - b.astype(np.int32)).mean())
+
+
+def test_fast_decode_matches_pil_geometry():
+  rng = np.random.default_rng(0)
+  diffs, shifted = [], []
+  for seed, shape in enumerate(_FIXTURE_SHAPES):
+    jpeg = imagenet_fixtures.natural_jpeg(seed, *shape)
+    assert data.image_size_of(jpeg) == shape
+    for box in (data.center_box(*shape, 0.875),
+                data.sample_crop_box(*shape, rng),
+                data.sample_crop_box(*shape, rng)):
+      fast = data.crop_and_resize(jpeg, box, 224)
+      assert fast.shape == (224, 224, 3) and fast.dtype == np.uint8
+      diffs.append(_mean_abs_diff(
+          fast, data.crop_and_resize(jpeg, box, 224, backend='pil')))
+      top, left, height, width = box
+      moved = (top, left + 6, height, width) if left + 6 + width <= shape[
+          1] else (top, left - 6, height, width)
+      shifted.append(_mean_abs_diff(
+          fast, data.crop_and_resize(jpeg, moved, 224, backend='pil')))
+  # Observed: 0.3-1.3 levels per crop (bilinear vs PIL's antialiased
+  # bilinear); the same crop moved by 6 px differs by several times more.
+  assert max(diffs) < 2.0, diffs
+  assert np.mean(diffs) < 1.0, diffs
+  assert min(s - d for s, d in zip(shifted, diffs)) > 1.0, (diffs, shifted)
+
+
+def test_decoding_uses_a_reduced_dct_scale_when_the_crop_allows():
+  jpeg = imagenet_fixtures.natural_jpeg(7, 500, 500)
+  # Full 500 px to 64 px: a 1/4 scale (125 px) still covers 64 px.
+  pixels, scale_y, scale_x = data._decode_for_crop(jpeg, (0, 0, 500, 500), 64)
+  assert pixels.shape == (125, 125, 3) and scale_y == scale_x == 0.25
+  # A 300 px crop to 224 px needs every pixel: full size.
+  pixels, _, _ = data._decode_for_crop(jpeg, (0, 0, 300, 300), 224)
+  assert pixels.shape == (500, 500, 3)
+  reference = data.crop_and_resize(jpeg, (0, 0, 500, 500), 64, backend='pil')
+  assert _mean_abs_diff(data.crop_and_resize(jpeg, (0, 0, 500, 500), 64),
+                        reference) < 4.0
+
+
+def test_flip_mirrors_the_crop():
+  jpeg = imagenet_fixtures.natural_jpeg(3, 240, 320)
+  box = (20, 30, 150, 200)
+  for backend in data.DECODE_BACKENDS:
+    plain = data.crop_and_resize(jpeg, box, 64, backend=backend)
+    flipped = data.crop_and_resize(jpeg, box, 64, flip=True, backend=backend)
+    # The warp's fixed-point coordinates may round 1 level differently.
+    assert np.abs(flipped[:, ::-1].astype(int) - plain).max() <= 1
+    assert _mean_abs_diff(flipped, plain) > 5  # the crop is not symmetric
+  array = np.asarray(Image.open(io.BytesIO(jpeg)))
+  np.testing.assert_array_equal(
+      data.crop_and_resize(array, (0, 0, 64, 64), 64, flip=True),
+      array[:64, :64][:, ::-1])
+
+
+def test_grayscale_cmyk_jpeg_and_png_inputs():
+  rgb = np.asarray(Image.open(io.BytesIO(
+      imagenet_fixtures.natural_jpeg(4, 120, 160))))
+  gray = np.asarray(Image.fromarray(rgb).convert('L'))
+  inputs = {
+      'gray jpeg': _encode(gray, 'JPEG', quality=95),
+      'cmyk jpeg': _encode(Image.fromarray(rgb).convert('CMYK'), 'JPEG',
+                           quality=95),
+      'rgb png': _encode(rgb, 'PNG'),
+      'rgba png': _encode(np.dstack([rgb, np.full(rgb.shape[:2], 255,
+                                                  np.uint8)]), 'PNG'),
+  }
+  box = (10, 20, 100, 120)
+  for name, encoded in inputs.items():
+    out = data.crop_and_resize(encoded, box, 48)
+    assert out.shape == (48, 48, 3) and out.dtype == np.uint8, name
+    reference = data.crop_and_resize(encoded, box, 48, backend='pil')
+    assert _mean_abs_diff(out, reference) < 2.0, name
+    if name == 'gray jpeg':
+      assert (out[..., 0] == out[..., 1]).all() and (
+          out[..., 1] == out[..., 2]).all()
+    else:  # the colour survived the decoder
+      target = data.crop_and_resize(rgb, box, 48)
+      assert _mean_abs_diff(out, target) < 3.0, name
+
+
+def test_undecodable_bytes_are_counted_and_skipped():
+  jpeg = imagenet_fixtures.natural_jpeg(5, 240, 320)
+  config = ml_collections.ConfigDict(dict(image_size=32, augment=True,
+                                          eval_crop_fraction=0.875))
+  broken = {'garbage after header': jpeg[:200] + b'\x00garbage' * 50,
+            'truncated': jpeg[:len(jpeg) // 2],
+            'not an image': b'hello' * 40,
+            'empty': b''}
+  rng = np.random.default_rng(0)
+  for name, payload in broken.items():
+    before = data.CorruptImageCounter.count
+    assert data.preprocess_train({'image': payload, 'label': 3}, config,
+                                 rng) is None, name
+    assert data.preprocess_eval({'image': payload, 'label': 3},
+                                config) is None, name
+    assert data.CorruptImageCounter.count == before + 2, name
+
+
+def test_train_preprocessing_is_crop_then_optional_flip():
+  jpeg = imagenet_fixtures.natural_jpeg(6, 333, 500)
+  config = ml_collections.ConfigDict(dict(image_size=32, augment=True))
+  flips = []
+  for seed in range(8):
+    out = data.preprocess_train({'image': jpeg, 'label': 1}, config,
+                                np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)  # the same draws, made by hand
+    box = data.sample_crop_box(333, 500, rng)
+    flips.append(bool(rng.uniform() < 0.5))
+    np.testing.assert_array_equal(
+        out['images'], data.crop_and_resize(jpeg, box, 32, flip=flips[-1]))
+    assert out['labels'] == 1
+  assert 0 < sum(flips) < len(flips)
+
+
+def test_unknown_decode_backend():
+  with pytest.raises(ValueError, match="Unknown decode backend 'cv2'"):
+    data.crop_and_resize(b'', (0, 0, 1, 1), 8, backend='cv2')
