@@ -209,7 +209,7 @@ def test_truncated_tars_are_refused_naming_the_tar_and_count(tmp_path):
   with open(val, 'r+b') as f:  # cut in the middle of an image
     f.truncate(boundary - 1000)
   with pytest.raises(ValueError, match=r'ILSVRC2012_img_val.tar is damaged or '
-                                       r'truncated after 5 images'):
+                                       r'truncated after 6 images'):
     prepare_imagenet.check_counts(manual, allow_subset=True)
 
 
