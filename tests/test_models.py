@@ -111,24 +111,28 @@ def test_relu_fed_convs_are_he_initialized_in_both_modes():
                                                            rel=0.1)
 
 
-def test_identity_nonlinearity_has_no_mean_shift():
-  """Paper Fig. 7: plain convs, no ReLU, no channel means; with ReLU, some."""
-  results = {}
-  for activation in ('identity', 'relu'):
+def test_activation_fed_plain_convs_preserve_variance():
+  """conv_init='variance_preserving' scales plain convs by 1 / E[g(z)^2]: an
+  identity-fed branch keeps unit variance, He's factor 2 makes it 2^3."""
+  first_branch = {}
+  for conv_init in resnet.CONV_INITS:
     config = resnet.make_config(
-        depths=(4, 1, 1, 1), width=1 / 8, alpha=1.0, skip_gain_init=1.0,
-        use_scaled_ws=False, activation=activation, num_classes=10)
-    images = jax.random.normal(jax.random.key(0), (8, 128, 128, 3))
+        depths=(2, 1, 1, 1), width=1 / 4, alpha=1.0, skip_gain_init=1.0,
+        use_scaled_ws=False, activation='identity', conv_init=conv_init,
+        num_classes=10)
+    images = jax.random.normal(jax.random.key(0), (8, 64, 64, 3))
     init, apply = jitted(resnet.build(config))
     params, state = init(jax.random.key(1), images, True)
     (_, stats), _ = apply(params, state, None, images, True, True)
-    results[activation] = jax.tree.map(np.asarray, stats)
-  linear, relu = results['identity'], results['relu']
-  # Stage 1 (32 x 32 px): the identity's branches are variance preserving
-  # (fan-in scale 1 for a linear input) and add no channel mean.
-  np.testing.assert_allclose(linear['residual_variance'][:4], 1.0, rtol=0.3)
-  assert np.all(linear['squared_mean'][1:5] < 0.1 * linear['variance'][1:5])
-  assert np.all(relu['squared_mean'][1:5] > linear['squared_mean'][1:5] + 1)
+    # The first branch sees the stem output / 1 (the stem stays He).
+    first_branch[conv_init] = stats['residual_variance'][0] / stats[
+        'variance'][0]
+  # About 1; above it by the stem's max-pooled channel means, which zero
+  # padding turns into position-dependent means at the 16 x 16 borders.
+  assert 0.75 < first_branch['variance_preserving'] < 1.7
+  # Same draws, every block conv sqrt(2) larger: three linear convs, 2^3.
+  assert first_branch['he'] / first_branch['variance_preserving'] == (
+      pytest.approx(8.0, rel=1e-3))
 
 
 def test_block_plan_expected_std_resets_after_transitions():
