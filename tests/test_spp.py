@@ -2,7 +2,10 @@
 
 import csv
 import functools
+import glob
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -66,12 +69,15 @@ def _stage_slices(values):
   return [np.flatnonzero(stages == s) + 1 for s in np.unique(stages)]
 
 
-def test_relu_bn_conv_has_no_mean_shift_and_constant_branch_variance(quick):
+def test_relu_bn_conv_has_no_mean_shift_and_unit_branch_variance(quick):
   values = quick[3]['relu_bn_conv']
   assert np.all(values['squared_mean'][1:] < 0.01 * values['variance'][1:])
-  # The conv after BN sees zero-mean unit-variance input; He init's factor 2
-  # (meant for a ReLU input) makes every branch output variance 2.
-  np.testing.assert_allclose(values['residual_variance'][1:], 2.0, rtol=0.2)
+  # The convs after BN see zero-mean unit-variance input and are initialized
+  # with fan-in scale 1 (conv_init='variance_preserving'): every branch
+  # output has variance 1, so a stage of 3 blocks ends at 1 + 3.
+  np.testing.assert_allclose(values['residual_variance'][1:], 1.0, rtol=0.2)
+  ends = values['is_stage_end'] == 1
+  np.testing.assert_allclose(values['variance'][ends], 4.0, rtol=0.15)
 
 
 def test_bn_relu_conv_shows_mean_shift_and_branch_variance_below_one(quick):
@@ -164,3 +170,105 @@ def test_unwritable_output_folder(no_measuring, tmp_path):
     read_only.chmod(0o500)
     with pytest.raises(ValueError, match='not writable'):
       spp.run(_models(), 32, 4, 0, str(read_only))
+
+
+def _load_preset(path):
+  spec = importlib.util.spec_from_file_location('preset', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+PRESETS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'spp', '*.py')))
+
+
+@pytest.mark.parametrize('path', PRESETS, ids=os.path.basename)
+def test_every_preset_validates(path):
+  config = _load_preset(path)
+  spp.check_preset(config)  # names, options, sizes: no compute
+  assert config.models and config.batch_size >= 2
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('name', 'densenet', r"'bad'.*Unknown model 'densenet'; allowed: \(.*"
+                         r"'nf_resnet'"),
+    ('activation', 'swoosh', r"'bad'.*Unknown activation 'swoosh'; allowed: "
+                             r"\[.*'silu'"),
+])
+def test_preset_with_unknown_name_is_refused(field, value, message):
+  config = _load_preset(PRESETS[0])
+  config.models['bad'] = resnet.make_config(**{field: value})
+  with pytest.raises(ValueError, match=message):
+    spp.check_preset(config)
+
+
+def test_preset_with_image_below_stride_is_refused():
+  config = _load_preset(PRESETS[0])
+  config.image_size = 31
+  with pytest.raises(ValueError, match='31 px is too small.*at least 32'):
+    spp.check_preset(config)
+  del config['seed']
+  with pytest.raises(ValueError, match=r"lacks fields \['seed'\]"):
+    spp.check_preset(config)
+
+
+def test_stage_statistics_and_rendering():
+  plan = spp.plan_from_depths((2, 3))
+  stats = dict(squared_mean=np.arange(6.0) / 10, variance=np.arange(6.0),
+               residual_variance=np.array([1.0, 3.0, 2.0, 4.0, 6.0]))
+  assert spp.stage_statistics(stats, plan) == {
+      'stage1/squared_mean': 0.2, 'stage1/variance': 2.0,
+      'stage1/residual_variance': 2.0,
+      'stage2/squared_mean': 0.5, 'stage2/variance': 5.0,
+      'stage2/residual_variance': 4.0}
+  image = spp.render([spp.from_stats('run', plan, stats, alpha=1.0)], 'step 7')
+  assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+  assert image.shape[0] > 200 and image.std() > 10  # not blank
+  with pytest.raises(ValueError, match='do not fit'):
+    spp.stage_statistics(dict(stats, variance=np.arange(5.0)), plan)
+  with pytest.raises(ValueError, match=r"lacks \['residual_variance'\]"):
+    spp.from_stats('run', plan, dict(squared_mean=stats['squared_mean'],
+                                     variance=stats['variance']))
+
+
+def _readme_example():
+  """The python block after the spp-example marker in README.md."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  match = re.search(r'<!-- spp-example -->\s*```python\n(.*?)```', readme,
+                    re.S)
+  assert match, 'README.md lost its SPP example'
+  return match.group(1)
+
+
+def test_readme_example_measures_a_custom_model(tmp_path, monkeypatch):
+  code = _readme_example()
+  assert len(code.strip().splitlines()) <= 16
+  monkeypatch.chdir(tmp_path)
+  namespace = {}
+  exec(compile(code, 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
+  result = namespace['result']
+  assert [spec.stage for spec in result.plan] == [0] * 4 + [1] * 4
+  assert result.residual_variance.shape == (8,)
+  # No normalization, He init, ReLU: the variance grows inside every stage.
+  assert np.all(np.diff(result.variance) > 0)
+  assert os.path.getsize(tmp_path / 'my_spp.png') > 20_000
+
+
+def test_custom_model_with_wrong_statistics_fails_before_compute():
+  import haiku as hk  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def forward(images):
+    recorder = spp.SignalRecorder()
+    x = hk.Conv2D(8, 3)(images)
+    recorder.record_stem(x)
+    recorder.record_block(x + x, x)
+    return recorder.stats()
+
+  with pytest.raises(ValueError, match='do not fit'):
+    spp.measure_function('x', forward, 32, 2, stage_depths=(1, 1))
+  with pytest.raises(ValueError, match='must return the statistics dict'):
+    spp.measure_function('x', lambda images: jax.nn.relu(images), 32, 2)
+  with pytest.raises(ValueError, match='image_size must be an integer >= 1'):
+    spp.measure_function('x', forward, 0, 2)
