@@ -195,10 +195,6 @@ def block_plan(config) -> list[BlockSpec]:
   return plan
 
 
-# nfnets/regnet.py reads the statistics helper under this name.
-_channel_stats = signal_stats.channel_stats
-
-
 def conv_input_second_moment(config) -> float:
   """E[a^2] of what a conv inside a block sees at init, for unit Gaussian
   pre-activations: a BatchNorm output (relu_bn_conv) or the unscaled
