@@ -89,7 +89,9 @@ def gaussian_moments(fn: Activation) -> tuple[float, float]:
   float64, so the relative error is about 1e-7.
   """
   nodes, weights = _gaussian_quadrature_rule()
-  values = np.asarray(fn(jnp.asarray(nodes, jnp.float32)), np.float64)
+  # Concrete values even when first called while a model is being traced.
+  with jax.ensure_compile_time_eval():
+    values = np.asarray(fn(jnp.asarray(nodes, jnp.float32)), np.float64)
   mean = float(np.sum(weights * values))
   variance = float(np.sum(weights * (values - mean)**2))
   return mean, variance
