@@ -51,10 +51,11 @@ def nf_regnet_imagenet(variant: str) -> ml_collections.ConfigDict:
   config.train.epochs = 360             # num_epochs
   config.train.mixup_alpha = 0.2        # dataset.py mixup_alpha default
   config.train.cutmix = True            # augment_name='mixup_cutmix'
-  # Peak lr 0.4 at batch 1024 (reference lr, lr_scale_by_bs=False), written
-  # per 256 examples so that other batch sizes scale it linearly.
-  config.optim.base_learning_rate = 0.1
-  config.optim.scale_by_batch_size = True
+  # Peak lr 0.4 whatever the batch (reference lr=0.4 at batch 1024,
+  # lr_scale_by_bs=False); rescale it yourself for other batch sizes. Not
+  # scaled, it also stays above the 0.001 floor at any batch size.
+  config.optim.base_learning_rate = 0.4
+  config.optim.scale_by_batch_size = False
   config.optim.warmup_epochs = 5.0      # warmup_steps=5*steps_per_epoch
   config.optim.end_learning_rate = 0.001  # WarmupCosineDecay min_val
   config.optim.momentum = 0.9           # SGD momentum
