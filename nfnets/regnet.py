@@ -266,11 +266,8 @@ class NFRegNet(hk.Module):
     validate_config(config)
     self.config = config
     self.plan = block_plan(config)
-    # gamma is integrated numerically on first use; that must run eagerly
-    # even when the model is first built inside a jit/eval_shape trace.
-    with jax.ensure_compile_time_eval():
-      self.activation = activations.get_activation(config.activation,
-                                                   config.activation_gamma)
+    self.activation = activations.get_activation(config.activation,
+                                                 config.activation_gamma)
     # Plain (gain 1) nonlinearity inside squeeze-excite, as the reference.
     self.se_activation = activations.get_activation(config.se_activation, 1.0)
 

@@ -240,11 +240,8 @@ class ResNet(hk.Module):
     gain = config.activation_gamma
     if gain is None and not self.scaled_ws:
       gain = 1.0
-    # gamma and E[g(z)^2] are integrated numerically: that must run eagerly
-    # even when the model is first built inside a jit / eval_shape trace.
-    with jax.ensure_compile_time_eval():
-      self.activation = activations.get_activation(config.activation, gain)
-      self.block_conv_scale = block_conv_init_scale(config)
+    self.activation = activations.get_activation(config.activation, gain)
+    self.block_conv_scale = block_conv_init_scale(config)
     self.fixup_scale = len(self.plan) ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
 
   def _conv(self, channels, kernel, stride=1, *, name, is_last=False):
