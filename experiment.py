@@ -490,7 +490,8 @@ def _train(config, workdir, allow_config_change, log) -> dict:
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   iterator = data.train_iterator(config.data, train.batch_size, config.seed,
                                  experiment.train_source)
-  if not config.data.num_workers:
+  if not config.data.num_workers or data.is_in_memory(
+      experiment.train_source):  # else grain's workers read ahead
     iterator = data.Prefetcher(iterator, _HOST_PREFETCH)
   if data_state is not None:
     iterator.set_state(data_state)
@@ -528,11 +529,13 @@ def _train(config, workdir, allow_config_change, log) -> dict:
       if previous_done is not None:  # at most two steps in flight
         previous_done.block_until_ready()
       previous_done = done
+      last = step == total
+      is_log_step = step % train.log_every_steps == 0 or last
+      if is_log_step:  # this step's compute belongs to this interval
+        done.block_until_ready()
       progress.add(time.perf_counter() - step_start, wait)
 
-      last = step == total
-      if step % train.log_every_steps == 0 or last:
-        done.block_until_ready()
+      if is_log_step:
         check_finite()
         host = jax.device_get(accumulator)
         count = max(int(host['count']), 1)

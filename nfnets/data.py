@@ -399,39 +399,84 @@ def train_iterator(data_config, global_batch_size: int, seed: int,
   """An endless, shuffled, augmented, process-sharded batch iterator.
 
   In-memory array sources (mnist, fake) are gathered, flipped and shifted a
-  whole batch at a time; encoded images (ImageNet) are decoded and cropped
-  one by one, in data_config.num_workers grain processes (0 = here). The
-  result has get_state() -> dict and set_state(dict).
+  whole batch at a time, here (wrap in Prefetcher to overlap); encoded images
+  (ImageNet) are decoded and cropped one by one by grain, in
+  data_config.num_workers processes (0 = here). The result has
+  get_state() -> dict and set_state(dict).
   """
   batch = local_batch_size(global_batch_size)
   source = source or get_source(data_config, 'train')
-  if isinstance(source.records, _ArrayRecords):
-    indices = grain.MapDataset.range(len(source.records))
-    indices = indices[jax.process_index()::jax.process_count()]
-    dataset = (indices.seed(seed).shuffle().repeat()
-               .batch(batch, drop_remainder=True)
-               .random_map(functools.partial(
-                   _array_batch, records=source.records,
-                   data_config=data_config))
-               .to_iter_dataset())
-  else:
-    dataset = grain.MapDataset.source(source.records)
-    dataset = dataset[jax.process_index()::jax.process_count()]
-    dataset = (dataset.seed(seed).shuffle().repeat()
-               .random_map(functools.partial(_preprocess_train_random,
-                                             data_config=data_config))
-               .filter(lambda example: example is not None)
-               .to_iter_dataset()
-               .batch(batch, drop_remainder=True))
+  if is_in_memory(source):
+    return _ArrayBatches(source.records, data_config, batch, seed)
+  dataset = grain.MapDataset.source(source.records)
+  dataset = dataset[jax.process_index()::jax.process_count()]
+  dataset = (dataset.seed(seed).shuffle().repeat()
+             .random_map(functools.partial(_preprocess_train_random,
+                                           data_config=data_config))
+             .filter(lambda example: example is not None)
+             .to_iter_dataset()
+             .batch(batch, drop_remainder=True))
   if data_config.num_workers:
     dataset = dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_config.num_workers))
   return iter(dataset)
 
 
-def _array_batch(indices, rng, records, data_config):
-  images = augment_batch(records.images[indices], data_config, rng)
-  return {'images': images, 'labels': records.labels[indices]}
+def is_in_memory(source: Source) -> bool:
+  """Whether the split is in-memory arrays (mnist, fake): batches are cut
+  from them in this process (no grain workers needed)."""
+  return isinstance(source.records, _ArrayRecords)
+
+
+class _ArrayBatches:
+  """Endless batches of this process's shard of in-memory arrays.
+
+  Each epoch is a permutation of the shard (seeded by (seed, epoch)); the
+  stream of epochs is cut into batches, and batch k's augmentation is seeded
+  by (seed, k): every batch is a pure function of (seed, k), so the state is
+  just k. A few numpy calls per batch, no per-example Python.
+  """
+
+  def __init__(self, records: _ArrayRecords, data_config, batch: int,
+               seed: int):
+    self._records, self._data_config = records, data_config
+    self._batch, self._seed = batch, seed
+    self._shard = np.arange(jax.process_index(), len(records),
+                            jax.process_count())
+    self._position = 0
+    self._epoch_order = (None, None)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if self._epoch_order[0] != epoch:
+      permutation = np.random.default_rng((self._seed, epoch)).permutation(
+          len(self._shard))
+      self._epoch_order = (epoch, self._shard[permutation])
+    return self._epoch_order[1]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    start, size = self._position * self._batch, len(self._shard)
+    pieces = []
+    while start < (self._position + 1) * self._batch:
+      epoch, offset = divmod(start, size)
+      piece = self._order(epoch)[
+          offset:offset + (self._position + 1) * self._batch - start]
+      pieces.append(piece)
+      start += len(piece)
+    indices = np.concatenate(pieces)
+    rng = np.random.default_rng((self._seed, 1, self._position))
+    self._position += 1
+    images = augment_batch(self._records.images[indices], self._data_config,
+                           rng)
+    return {'images': images, 'labels': self._records.labels[indices]}
+
+  def get_state(self) -> dict:
+    return {'batches_served': self._position}
+
+  def set_state(self, state: dict) -> None:
+    self._position = int(state['batches_served'])
 
 
 def _preprocess_train_random(example, rng, data_config):
