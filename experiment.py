@@ -35,6 +35,7 @@ from nfnets import metric_writer
 from nfnets import mixing
 from nfnets import models
 from nfnets import optim
+from nfnets import paths
 from nfnets import spp
 from nfnets import workdir as workdir_lib
 
@@ -419,7 +420,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   """
   validate_config(config)
   is_main = jax.process_index() == 0
-  created = workdir_lib.prepare(workdir)
+  created = paths.ensure_writable_dir(workdir, 'workdir')
   try:
     lock = workdir_lib.Lock(workdir).acquire() if is_main else None
   except BaseException:

@@ -223,3 +223,24 @@ class BatchNorm(hk.Module):
       mean, var = moving_mean, moving_var
     multiplier = jax.lax.rsqrt(var + self.eps) * scale
     return ((x32 - mean) * multiplier + offset).astype(x.dtype)
+
+
+def check_image_size(total_stride: int, height: int,
+                     width: int | None = None) -> None:
+  """Raises ValueError if the image is smaller than the network's total
+  stride (px)."""
+  for size in (height, height if width is None else width):
+    if size < total_stride:
+      raise ValueError(
+          f'Image size {size} px is too small: the network downsamples by '
+          f'{total_stride}, so images must be at least {total_stride} px.')
+
+
+def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float,
+                    is_training: bool, w_init) -> jax.Array:
+  """Global average pool (float32), dropout when training, linear layer
+  'classifier'. x: [N, H, W, C] -> logits float32 [N, num_classes]."""
+  features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  if is_training and dropout_rate > 0:
+    features = hk.dropout(hk.next_rng_key(), dropout_rate, features)
+  return hk.Linear(num_classes, w_init=w_init, name='classifier')(features)

@@ -176,11 +176,7 @@ def validate_config(config) -> None:
 def check_image_size(config, height: int, width: int | None = None) -> None:
   """Raises ValueError if the image is smaller than the total stride (32)."""
   del config  # Every variant has the same stride pattern.
-  for size in (height, height if width is None else width):
-    if size < TOTAL_STRIDE:
-      raise ValueError(
-          f'Image size {size} px is too small: the network downsamples by '
-          f'{TOTAL_STRIDE}, so images must be at least {TOTAL_STRIDE} px.')
+  layers.check_image_size(TOTAL_STRIDE, height, width)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -321,12 +317,9 @@ class NFRegNet(hk.Module):
         recorder.record_block(x, branch)
     x = self.activation(self._conv(head_channels(config), 1,
                                    name='head_conv')(x))
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    rate = dropout_rate(config)
-    if is_training and rate > 0:
-      features = hk.dropout(hk.next_rng_key(), rate, features)
-    logits = hk.Linear(config.num_classes, w_init=jnp.zeros,
-                       name='classifier')(features)
+    logits = layers.classifier_head(x, config.num_classes,
+                                    dropout_rate(config), is_training,
+                                    jnp.zeros)
     if not return_stats:
       return logits
     return logits, recorder.stats()

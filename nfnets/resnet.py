@@ -139,11 +139,7 @@ def validate_config(config) -> None:
 def check_image_size(config, height: int, width: int | None = None) -> None:
   """Raises ValueError if the image is smaller than the total stride (32)."""
   del config  # Every model has the same stride pattern.
-  for size in (height, height if width is None else width):
-    if size < TOTAL_STRIDE:
-      raise ValueError(
-          f'Image size {size} px is too small: the network downsamples by '
-          f'{TOTAL_STRIDE}, so images must be at least {TOTAL_STRIDE} px.')
+  layers.check_image_size(TOTAL_STRIDE, height, width)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -325,13 +321,10 @@ class ResNet(hk.Module):
       if return_stats:
         recorder.record_block(x, branch)
     x = self._preactivate(x, is_training, 'head_preact')
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if is_training and config.dropout_rate > 0:
-      features = hk.dropout(hk.next_rng_key(), config.dropout_rate, features)
     w_init = (jnp.zeros if self.kind == 'fixup_resnet'
               else hk.initializers.RandomNormal(0.01))
-    logits = hk.Linear(config.num_classes, w_init=w_init, name='classifier')(
-        features)
+    logits = layers.classifier_head(x, config.num_classes,
+                                    config.dropout_rate, is_training, w_init)
     if not return_stats:
       return logits
     return logits, recorder.stats()

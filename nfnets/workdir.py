@@ -41,27 +41,6 @@ class ConfigChanged(errors.UserError):
   """The config differs from the one that trained the checkpoints."""
 
 
-def prepare(path: str, what: str = 'workdir') -> bool:
-  """Creates folder `path` if needed; returns whether it was created.
-
-  Raises UserError naming the path if it is a file or not writable.
-  """
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise errors.UserError(f'{what} {path!r} is a file, not a folder; '
-                           'choose another path.')
-  created = not os.path.exists(path)
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise errors.UserError(
-        f'Cannot create {what} {path!r}: {e.strerror}.') from None
-  if not os.access(path, os.W_OK | os.X_OK):
-    if created:
-      os.rmdir(path)
-    raise errors.UserError(f'{what} {path!r} is not writable.')
-  return created
-
-
 def remove_if_unused(path: str) -> None:
   """Removes a workdir this run created if it holds no file of value (only
   the lock and empty folders), so a run refused at start leaves nothing."""
