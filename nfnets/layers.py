@@ -6,7 +6,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+from nfnets import conv
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -80,10 +80,8 @@ class WSConv2D(hk.Module):
     weight = self.standardized_weight(x.shape[-1]).astype(x.dtype)
     bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
                             init=jnp.zeros)
-    out = jax.lax.conv_general_dilated(
-        x, weight, window_strides=self.stride, padding=self.padding,
-        dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=self.feature_group_count)
+    out = conv.conv2d(x, weight, self.stride, self.padding,
+                      self.feature_group_count)
     return out + bias.astype(x.dtype)
 
 
@@ -122,10 +120,8 @@ class Conv2D(hk.Module):
       w_init = hk.initializers.VarianceScaling(
           2.0 * self.init_scale**2, 'fan_in', 'normal')
     weight = hk.get_parameter('w', shape, jnp.float32, init=w_init)
-    out = jax.lax.conv_general_dilated(
-        x, weight.astype(x.dtype), window_strides=self.stride,
-        padding=self.padding, dimension_numbers=_DIMENSION_NUMBERS,
-        feature_group_count=self.feature_group_count)
+    out = conv.conv2d(x, weight.astype(x.dtype), self.stride, self.padding,
+                      self.feature_group_count)
     if self.with_bias:
       bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
                               init=jnp.zeros)

@@ -1,0 +1,230 @@
+"""nfnets/conv.py: im2col + dot equals lax.conv_general_dilated (value and
+gradients, against a float64 reference), auto takes it exactly where it says,
+and a full train step gives the same loss and parameters either way."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import experiment
+from configs import quickstart
+from nfnets import conv
+
+# Value and gradients of the float32 rewrite (and, as a check that the bound
+# is meaningful, of float32 lax.conv) against float64 lax.conv + jax.grad:
+# max |error| / max |reference| per output. float32 rounding gives a few
+# 1e-7 here; a wrong window, stride or padding gives O(1).
+RELATIVE_TOLERANCE = 1e-5
+
+# (x shape [N, H, W, C_in], kernel (kh, kw), C_out, stride, padding).
+CASES = [
+    ((2, 4, 4, 16), (3, 3), 24, 2, 'SAME'),      # 2x2 out, stride 2
+    ((2, 2, 2, 32), (3, 3), 32, 1, 'SAME'),      # 2x2 maps, stride 1
+    ((1, 1, 1, 8), (3, 3), 8, 1, 'SAME'),        # 1x1 map, batch 1
+    ((1, 3, 3, 8), (3, 3), 12, 1, 'SAME'),       # odd 3x3 map
+    ((3, 5, 5, 8), (3, 3), 12, 2, 'SAME'),       # odd 5x5 map, stride 2
+    ((3, 5, 5, 8), (3, 3), 12, 1, 'SAME'),       # odd 5x5 map
+    ((2, 9, 9, 8), (3, 3), 8, 2, 'SAME'),        # larger odd map
+    ((2, 16, 16, 8), (3, 3), 8, 1, 'SAME'),      # large map
+    ((2, 16, 16, 8), (3, 3), 8, 2, 'SAME'),      # large map, stride 2
+    ((2, 6, 6, 8), (3, 3), 8, 1, 'VALID'),
+    ((2, 6, 7, 8), (3, 3), 8, (2, 1), [(0, 2), (1, 0)]),  # explicit pads
+    ((2, 5, 5, 16), (1, 1), 24, 1, 'SAME'),      # 1x1
+    ((2, 5, 5, 16), (1, 1), 24, 2, 'SAME'),      # 1x1 stride 2, odd map
+    ((1, 4, 4, 16), (1, 1), 8, 2, 'SAME'),       # 1x1 stride 2, batch 1
+    ((2, 9, 9, 3), (7, 7), 8, 2, 'SAME'),        # stem-like 7x7 / 2
+    ((4, 2, 2, 256), (3, 3), 64, 1, 'SAME'),     # long reduction (K = 2304)
+]
+
+
+def _case_id(case):
+  x_shape, kernel, out_channels, stride, padding = case
+  return (f'x{"x".join(map(str, x_shape))}-k{kernel[0]}x{kernel[1]}-'
+          f'o{out_channels}-s{stride}-{padding}').replace(' ', '')
+
+
+def _reference_conv(x, w, stride, padding):
+  strides = (stride, stride) if isinstance(stride, int) else stride
+  return jax.lax.conv_general_dilated(x, w, strides, padding,
+                                      dimension_numbers=conv.DIMENSION_NUMBERS)
+
+
+def _value_and_grads(conv_fn, x, w, cotangent):
+  """(conv_fn(x, w), d<conv, cotangent>/dx, d<conv, cotangent>/dw)."""
+  y, vjp = jax.vjp(conv_fn, x, w)
+  return (y, *vjp(cotangent))
+
+
+def _relative_error(value, reference) -> float:
+  value, reference = np.asarray(value, np.float64), np.asarray(reference)
+  return float(np.max(np.abs(value - reference)) / np.max(np.abs(reference)))
+
+
+@pytest.mark.parametrize('case', CASES, ids=_case_id)
+def test_im2col_matches_float64_conv_value_and_gradients(case):
+  x_shape, kernel, out_channels, stride, padding = case
+  rng = np.random.default_rng(sum(x_shape) + kernel[0] + out_channels)
+  x = rng.standard_normal(x_shape)
+  w = rng.standard_normal((*kernel, x_shape[-1], out_channels))
+  out_shape = jax.eval_shape(
+      lambda x, w: _reference_conv(x, w, stride, padding),
+      jax.ShapeDtypeStruct(x_shape, jnp.float32),
+      jax.ShapeDtypeStruct(w.shape, jnp.float32)).shape
+  cotangent = rng.standard_normal(out_shape)
+  with jax.enable_x64(True):
+    reference = jax.jit(lambda x, w, c: _value_and_grads(
+        lambda x, w: _reference_conv(x, w, stride, padding), x, w, c))(
+            *(jnp.asarray(a, jnp.float64) for a in (x, w, cotangent)))
+    reference = [np.asarray(r) for r in reference]
+  assert reference[0].dtype == np.float64
+  args32 = [jnp.asarray(a, jnp.float32) for a in (x, w, cotangent)]
+  rewritten = jax.jit(lambda x, w, c: _value_and_grads(
+      lambda x, w: conv.im2col_conv2d(x, w, stride, padding), x, w, c))(
+          *args32)
+  plain32 = jax.jit(lambda x, w, c: _value_and_grads(
+      lambda x, w: _reference_conv(x, w, stride, padding), x, w, c))(*args32)
+  for name, got, plain, want in zip(('value', 'grad x', 'grad w'), rewritten,
+                                    plain32, reference):
+    assert got.shape == want.shape and got.dtype == jnp.float32, name
+    assert _relative_error(got, want) < RELATIVE_TOLERANCE, name
+    assert _relative_error(plain, want) < RELATIVE_TOLERANCE, name
+
+
+def _primitive_names(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitive_names(sub)
+  return names
+
+
+def _conv_primitives(x_shape, w_shape, stride) -> tuple[set, set]:
+  """conv_general_dilated-ness of conv2d's forward and of its gradient."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+  forward = jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride))(x, w)
+  backward = jax.make_jaxpr(jax.grad(
+      lambda x, w: jnp.sum(conv.conv2d(x, w, stride)), argnums=(0, 1)))(x, w)
+  return ('conv_general_dilated' in _primitive_names(forward.jaxpr),
+          'conv_general_dilated' in _primitive_names(backward.jaxpr))
+
+
+@pytest.fixture
+def conv_impl(monkeypatch):
+  """Sets NFNETS_CONV_IMPL for one test (the module reads it once, cached)."""
+  def set_impl(value):
+    monkeypatch.setenv(conv.IMPL_ENV_VAR, value)
+    conv.configured_impl.cache_clear()
+  yield set_impl
+  monkeypatch.delenv(conv.IMPL_ENV_VAR, raising=False)
+  conv.configured_impl.cache_clear()
+
+
+# (x shape, kernel shape, stride, im2col under auto on CPU).
+DISPATCH = [
+    ((32, 2, 2, 512), (3, 3, 512, 512), 1, True),    # stage 4 at 64 px
+    ((32, 4, 4, 256), (3, 3, 256, 512), 2, True),    # 2x2 out
+    ((8, 1, 1, 64), (3, 3, 64, 64), 1, True),        # stage 4 at 32 px
+    ((8, 3, 3, 64), (3, 3, 64, 64), 2, True),        # odd map, 2x2 out
+    ((32, 4, 4, 256), (3, 3, 256, 256), 1, False),   # 4x4 out: plain faster
+    ((32, 7, 7, 512), (3, 3, 512, 512), 1, False),   # stage 4 at 224 px
+    ((32, 2, 2, 512), (1, 1, 512, 2048), 1, False),  # 1x1: plain
+    ((32, 64, 64, 3), (7, 7, 3, 64), 2, False),      # stem
+]
+
+
+@pytest.mark.parametrize('x_shape, w_shape, stride, expect_im2col', DISPATCH)
+def test_auto_takes_im2col_exactly_where_it_says(conv_impl, x_shape, w_shape,
+                                                 stride, expect_im2col):
+  conv_impl('auto')
+  assert jax.default_backend() == 'cpu'
+  assert conv.uses_im2col(x_shape, w_shape, stride) == expect_im2col
+  assert _conv_primitives(x_shape, w_shape, stride) == (
+      (not expect_im2col,) * 2)
+  conv_impl('plain')
+  assert not conv.uses_im2col(x_shape, w_shape, stride)
+  assert _conv_primitives(x_shape, w_shape, stride) == (True, True)
+
+
+def test_other_backends_and_groups_keep_the_plain_conv(conv_impl):
+  conv_impl('auto')
+  tiny = ((32, 2, 2, 512), (3, 3, 512, 512), 1)
+  assert conv.uses_im2col(*tiny, backend='cpu')
+  assert not conv.uses_im2col(*tiny, backend='gpu')
+  assert not conv.uses_im2col(*tiny, backend='tpu')
+  assert not conv.uses_im2col((32, 2, 2, 512), (3, 3, 64, 512), 1,
+                              feature_group_count=8, backend='cpu')
+
+
+def test_bad_arguments_raise_clear_errors(conv_impl):
+  conv_impl('fast')
+  with pytest.raises(ValueError, match="NFNETS_CONV_IMPL='fast'.*auto"):
+    conv.configured_impl()
+  conv_impl('auto')
+  x, w = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 8))
+  with pytest.raises(ValueError, match='stride.*0'):
+    conv.conv2d(x, w, 0)
+  with pytest.raises(ValueError, match="padding.*'FULL'"):
+    conv.conv2d(x, w, 1, 'FULL')
+  with pytest.raises(ValueError, match='8 channels.*feature_group_count'):
+    conv.conv2d(x, jnp.zeros((3, 3, 4, 8)), 1)
+  with pytest.raises(ValueError, match='empty output'):
+    conv.conv2d(x, jnp.zeros((5, 5, 8, 8)), 1, 'VALID')
+  with pytest.raises(ValueError, match=r'x \[N, H, W, C\]'):
+    conv.conv2d(jnp.zeros((4, 4, 8)), w, 1)
+
+
+def _train_two_steps(conv_impl, impl: str):
+  """Loss of each step, final params, and whether the model traces any conv
+  at 2x2 or smaller output, with NFNETS_CONV_IMPL=impl."""
+  conv_impl(impl)
+  config = quickstart.get_config()
+  config.data.update(dict(name='fake', image_size=32, num_workers=0,
+                          fake_train_size=16, fake_eval_size=16))
+  config.train.update(dict(batch_size=16, eval_batch_size=16, steps=10))
+  config.optim.warmup_epochs = 0.0  # full learning rate: parameters move
+  exp = experiment.Experiment(config)
+  state = exp.init_state()
+  rng = np.random.default_rng(0)
+  batch = {'images': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+           'labels': rng.integers(0, 10, (16,), dtype=np.int32)}
+  losses = []
+  for _ in range(2):
+    state, metrics = exp.train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  images = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda p, s, x: exp.model.apply(
+      p, s, None, x, is_training=False))(state['params'], state['bn_state'],
+                                         images)
+  conv_count = _count_convs(jaxpr.jaxpr)
+  return losses, jax.tree.map(np.asarray, state['params']), conv_count
+
+
+def _count_convs(jaxpr) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == 'conv_general_dilated'
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_convs(sub)
+  return count
+
+
+def test_train_step_auto_matches_plain(conv_impl):
+  plain_losses, plain_params, plain_convs = _train_two_steps(conv_impl,
+                                                             'plain')
+  auto_losses, auto_params, auto_convs = _train_two_steps(conv_impl, 'auto')
+  # At 32 px, stages 3 and 4 have 2x2 and 1x1 maps: their 3x3 convs (one per
+  # block, depths (1, 1, 1, 1)) are im2col under auto.
+  assert auto_convs == plain_convs - 2
+  assert plain_losses[0] != plain_losses[1]  # the step changed the params
+  # float32 sums in another order: the loss agrees to float32 rounding, and
+  # two SGD steps amplify the difference in params only slightly.
+  np.testing.assert_allclose(auto_losses, plain_losses, rtol=1e-5)
+  assert (jax.tree.structure(auto_params)
+          == jax.tree.structure(plain_params))
+  for auto, plain in zip(jax.tree.leaves(auto_params),
+                         jax.tree.leaves(plain_params)):
+    np.testing.assert_allclose(auto, plain, rtol=1e-4,
+                               atol=1e-5 * np.max(np.abs(plain)))
