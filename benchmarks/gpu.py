@@ -300,14 +300,18 @@ class Report:
     for r in self.rows:
       if r['kind'] == 'loop':
         continue
-      fraction = r.get('fraction_of_peak')
+      fraction = r['fraction_of_peak']
+      step = r['kind'] == 'step'  # else matmul: no images, size or setup
+      size, rate, gmacs, setup = (
+          (str(r['image_size']), f'{r["images_per_second"]:,.0f}',
+           f'{r["gmacs_per_image"]:.2f}', f'{r["setup_seconds"]:.0f}')
+          if step else ('', '', '', ''))
       lines.append(
-          f'| {r["case"]} | {r.get("image_size", "")} | '
-          f'{r.get("images_per_second", 0):,.0f} | '
-          f'{1e3 * r.get("seconds_per_step", 0):.1f} | {r.get("steps", "")} | '
-          f'{r.get("gmacs_per_image", 0):.2f} | {r.get("tflops", 0):.1f} | '
+          f'| {r["case"]} | {size} | {rate} | '
+          f'{1e3 * r["seconds_per_step"]:.1f} | {r["steps"]} | {gmacs} | '
+          f'{r["tflops"]:.1f} | '
           f'{"" if fraction is None else f"{100 * fraction:.1f}%"} | '
-          f'{r.get("setup_seconds", 0):.0f} | {r.get("note", "")} |')
+          f'{setup} | {r["note"]} |')
     if self.ratios():
       lines += ['', '| dtype | BN ordering | NF/BN step images/s (goal >= '
                 '1.0) |', '|---|---|---|']
@@ -459,7 +463,7 @@ def main(argv):
   print(f'devices: {jax.device_count()} x {device_kind} '
         f'({jax.devices()[0].platform}), jax {jax.__version__}; '
         f'{report.header["cpu_cores"]} CPU cores; bf16 peak: '
-        + (f'{peak:.0f} TFLOP/s per device ({report.header["peak_source"]})'
+        + (f'{peak:g} TFLOP/s per device ({report.header["peak_source"]})'
            if peak else report.header['peak_source'])
         + f'; {len(cases)} cases, budget {_BUDGET.value:.0f} s', flush=True)
   print(FLOPS_CONVENTION, flush=True)
