@@ -10,8 +10,14 @@ row per shape (ms per call, median of --reps calls after a warm-up) and the
 per-step totals, which say where a train step's convolution time goes and
 which shapes the im2col rule in nfnets/conv.py should take.
 
+With --step_rounds=N it then times the whole train step (experiment.Experiment,
+as benchmarks/train_step.py) and the eval-mode forward pass with
+NFNETS_CONV_IMPL=plain and =auto alternately in this one process (N rounds,
+order flipped each round), which cancels most of the drift of a shared
+machine; --reps=0 skips the per-shape table.
+
   python benchmarks/conv_shapes.py --config=nf_resnet50 --image_size=64 \
-      --batch=32 --reps=5
+      --batch=32 --reps=5 --step_rounds=5
 """
 
 import collections
@@ -30,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..'))
+import experiment  # pylint: disable=g-import-not-at-top
 from nfnets import conv  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 
@@ -41,6 +48,10 @@ _MODES = flags.DEFINE_list('modes', ['forward', 'backward'],
                            'forward and/or backward (both gradients).')
 _IMPLS = flags.DEFINE_list('impls', ['plain', 'im2col'],
                            'plain and/or im2col.')
+_STEP_ROUNDS = flags.DEFINE_integer(
+    'step_rounds', 0, 'Alternating rounds of whole train step / forward with '
+    'NFNETS_CONV_IMPL=plain vs auto (0: skip).')
+_STEPS = flags.DEFINE_integer('steps', 2, 'Steps per timed step measurement.')
 
 ConvShape = collections.namedtuple(
     'ConvShape', 'x_shape w_shape strides padding groups')
@@ -108,6 +119,77 @@ def time_case(shape: ConvShape, impl: str, mode: str, reps: int) -> float:
   return statistics.median(seconds)
 
 
+def _set_impl(impl: str) -> None:
+  os.environ[conv.IMPL_ENV_VAR] = impl
+  conv.configured_impl.cache_clear()  # read again at the next trace
+
+
+def compare_steps(config, image_size: int, batch: int, rounds: int,
+                  steps: int) -> None:
+  """Prints train step and forward images/s, plain vs auto, alternated."""
+  config = config.copy_and_resolve_references()
+  config.data.update(dict(name='fake', image_size=image_size, num_workers=0,
+                          fake_train_size=batch, fake_eval_size=batch))
+  config.train.update(dict(batch_size=batch, eval_batch_size=batch,
+                           steps=1000))
+  config.compute_dtype = 'float32'
+  rng = np.random.default_rng(0)
+  train_batch = {
+      'images': rng.integers(0, 256, (batch, image_size, image_size, 3),
+                             dtype=np.uint8),
+      'labels': rng.integers(0, config.model.num_classes, (batch,),
+                             dtype=np.int32)}
+  images = jnp.asarray(rng.standard_normal(
+      (batch, image_size, image_size, 3), dtype=np.float32))
+  cases = {}
+  user_setting = os.environ.get(conv.IMPL_ENV_VAR)
+  for impl in ('plain', 'auto'):
+    _set_impl(impl)  # the jitted functions are traced (and fixed) here
+    exp = experiment.Experiment(config)
+    state = exp.init_state()
+    params = jax.tree.map(jnp.copy, (state['params'], state['bn_state']))
+    forward = jax.jit(lambda p, s, x, exp=exp: exp.model.apply(
+        p, s, None, x, is_training=False)[0])
+    state, metrics = exp.train_step(state, train_batch)
+    jax.block_until_ready((metrics, forward(*params, images)))
+    cases[impl] = dict(exp=exp, state=state, params=params, forward=forward)
+  if user_setting is None:
+    os.environ.pop(conv.IMPL_ENV_VAR)
+  else:
+    os.environ[conv.IMPL_ENV_VAR] = user_setting
+  conv.configured_impl.cache_clear()
+
+  def time_train(case):
+    start = time.perf_counter()
+    for _ in range(steps):
+      case['state'], metrics = case['exp'].train_step(case['state'],
+                                                      train_batch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+  def time_forward(case):
+    start = time.perf_counter()
+    for _ in range(steps):
+      logits = case['forward'](*case['params'], images)
+    jax.block_until_ready(logits)
+    return time.perf_counter() - start
+
+  rates = collections.defaultdict(list)
+  for round_index in range(rounds):
+    order = ('plain', 'auto') if round_index % 2 == 0 else ('auto', 'plain')
+    for mode, timer in (('train', time_train), ('forward', time_forward)):
+      for impl in order:
+        rates[mode, impl].append(batch * steps / timer(cases[impl]))
+  for mode in ('train', 'forward'):
+    plain, auto = (statistics.median(rates[mode, i]) for i in ('plain',
+                                                                 'auto'))
+    print(f'{mode} {image_size} px, batch {batch}: images/s median of '
+          f'{rounds} rounds x {steps} steps: plain {plain:.2f}, auto '
+          f'{auto:.2f} (x{auto / plain:.2f}); best round plain '
+          f'{max(rates[mode, "plain"]):.2f}, auto '
+          f'{max(rates[mode, "auto"]):.2f}', flush=True)
+
+
 def main(argv):
   del argv
   for mode in _MODES.value:
@@ -119,6 +201,15 @@ def main(argv):
       raise app.UsageError(f'--impls: unknown {impl!r}; allowed: plain, '
                            'im2col.')
   config = importlib.import_module(f'configs.{_CONFIG.value}').get_config()
+  if _REPS.value > 0:
+    conv_table(config)
+  if _STEP_ROUNDS.value > 0:
+    compare_steps(config, _SIZE.value, _BATCH.value, _STEP_ROUNDS.value,
+                  _STEPS.value)
+
+
+def conv_table(config) -> None:
+  """Prints the per-shape table and per-step totals."""
   counts = model_convolutions(config, _SIZE.value, _BATCH.value)
   print(f'{_CONFIG.value}, {_SIZE.value} px, batch {_BATCH.value}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; ms per call '

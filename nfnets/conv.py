@@ -2,23 +2,31 @@
 
 On GPU and TPU this is always `jax.lax.conv_general_dilated`. On CPU, XLA's
 convolutions are slow for some shapes (measured with jax 0.10.2 on a 2-core
-x86 machine; see benchmarks/conv_shapes.py): convolutions whose output map is
-tiny (stage 4 of a ResNet-50 at 64 px has 2x2 maps) run at 2-3 GFLOP/s,
-against 100+ GFLOP/s for a matmul. There, `conv2d` computes the same
-convolution as im2col: the kh * kw shifted (strided) windows of the padded
-input are concatenated along channels and multiplied with the reshaped kernel
-in one dot. Autodiff of that graph gives the input gradient as pads + adds of
-dot outputs and the weight gradient as one dot, both fast at these sizes.
-Gradients are exact (the same sums, in a different order).
+x86 machine; see benchmarks/conv_shapes.py), and `conv2d` computes those
+differently, with the same sums in another order (exact up to float32
+rounding; tests/test_conv.py checks value and gradients against float64):
+
+  * 'im2col' (`im2col_conv2d`): convolutions with a kernel larger than 1x1
+    whose output map is tiny (stage 4 of a ResNet-50 at 64 px has 2x2 maps)
+    run at 2-3 GFLOP/s in XLA, forward and backward. As im2col, the kh * kw
+    shifted (strided) windows of the padded input are concatenated along
+    channels and multiplied with the reshaped kernel in one matmul; autodiff
+    gives the input gradient as a matmul plus pads and the weight gradient
+    as one matmul.
+  * 'lax_matmul_weight_grad' (`conv_matmul_weight_grad`): 1x1 convolutions.
+    XLA already runs their forward and input gradient as dots, but their
+    weight gradient as a convolution, 1.5-3x slower than the equivalent
+    matmul x^T @ dy on maps of 28x28 and more. A custom VJP keeps XLA's
+    forward and input gradient and computes the weight gradient as that
+    matmul.
+  * 'lax': everything else (`lax.conv_general_dilated`).
 
 Which implementation runs:
   * `NFNETS_CONV_IMPL=plain` (environment, read once at first use): always
     `lax.conv_general_dilated`, on every backend.
-  * `NFNETS_CONV_IMPL=auto` (the default): `lax.conv_general_dilated` unless
-    the default backend (`jax.default_backend()` when the convolution is
-    traced) is CPU, the convolution is ungrouped, its kernel is larger than
-    1x1 and its output map has at most MAX_IM2COL_OUTPUT_PIXELS pixels
-    (`uses_im2col`): the shapes where im2col was measured faster.
+  * `NFNETS_CONV_IMPL=auto` (the default): `choose_implementation`, which
+    takes 'lax' unless the default backend (`jax.default_backend()` when the
+    convolution is traced) is CPU and the convolution is ungrouped.
 """
 
 import functools
@@ -30,20 +38,26 @@ import jax.numpy as jnp
 
 IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
 IMPLS = ('auto', 'plain')
+# What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
+# conv_matmul_weight_grad.
+IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_weight_grad')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 # On CPU, a conv with a kernel larger than 1x1 runs as im2col when its output
 # map has at most this many pixels (out_h * out_w). NF-ResNet-50 shapes,
-# batch 32, jax 0.10.2 with the YNN flag, 2-core x86 (ms, forward / backward,
-# plain -> im2col; benchmarks/conv_shapes.py):
+# batch 32, jax 0.10.2 with the YNN flag, 2-core x86 shared with other jobs
+# (ms, forward / backward, lax -> im2col; benchmarks/conv_shapes.py):
 #   3x3 512->512 at 2x2 out:      621 -> 9 / 604 -> 16
 #   3x3 512->512 /2, 2x2 out:     8.7 -> 8.1 / 773 -> 16
 #   3x3 256->256 at 4x4 out:      6.9 -> 8.4 / 17.5 -> 17.0 (no gain)
 #   3x3 128->128 at 8x8 out:      7.7 -> 9.8 / 16.2 -> 23.5 (loss)
-# 1x1 convs as a dot were within noise of the plain conv at every size
-# (they stay plain); 3x3 convs with large maps are several times slower as
-# im2col (building the patches dominates), and so is the 7x7 stem.
+# 3x3 convs with larger maps are 2-9x slower as im2col (building the patches
+# dominates), and so is the 7x7 stem.
 MAX_IM2COL_OUTPUT_PIXELS = 4
+# 1x1 convs on CPU as 'lax_matmul_weight_grad'. Weight gradient alone, summed
+# over the 1x1 convs of one NF-ResNet-50 train step (batch 32, best of 5-12
+# interleaved runs, same machine): 224 px 4.2 -> 2.4 s, 64 px 184 -> 156 ms.
+ONE_BY_ONE_MATMUL_WEIGHT_GRAD = True
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -112,11 +126,13 @@ def _validate(x_shape, weight_shape, stride, padding,
   return strides, [tuple(p) for p in pads]
 
 
-def uses_im2col(x_shape: Sequence[int], weight_shape: Sequence[int],
-                stride: int | Sequence[int] = 1, padding: Padding = 'SAME',
-                feature_group_count: int = 1,
-                backend: str | None = None) -> bool:
-  """Whether `conv2d` computes this convolution as im2col + dot.
+def choose_implementation(x_shape: Sequence[int],
+                          weight_shape: Sequence[int],
+                          stride: int | Sequence[int] = 1,
+                          padding: Padding = 'SAME',
+                          feature_group_count: int = 1,
+                          backend: str | None = None) -> str:
+  """Which of IMPLEMENTATIONS `conv2d` uses for this convolution.
 
   Args:
     x_shape: [N, H, W, C_in].
@@ -127,14 +143,48 @@ def uses_im2col(x_shape: Sequence[int], weight_shape: Sequence[int],
   strides, pads = _validate(x_shape, weight_shape, stride, padding,
                             feature_group_count)
   if configured_impl() == 'plain' or feature_group_count != 1:
-    return False
+    return 'lax'
   if (backend or jax.default_backend()) != 'cpu':
-    return False
+    return 'lax'
   if weight_shape[0] * weight_shape[1] == 1:
-    return False
+    return 'lax_matmul_weight_grad' if ONE_BY_ONE_MATMUL_WEIGHT_GRAD else 'lax'
   out_h, out_w = (output_size(x_shape[1 + a], weight_shape[a], strides[a],
                               pads[a]) for a in range(2))
-  return out_h * out_w <= MAX_IM2COL_OUTPUT_PIXELS
+  if out_h * out_w <= MAX_IM2COL_OUTPUT_PIXELS:
+    return 'im2col'
+  return 'lax'
+
+
+def _lax_conv(x, weight, strides, pads, feature_group_count=1):
+  return jax.lax.conv_general_dilated(
+      x, weight, window_strides=strides, padding=pads,
+      dimension_numbers=DIMENSION_NUMBERS,
+      feature_group_count=feature_group_count)
+
+
+def _patch_matrix(x: jax.Array, kernel_hw: tuple[int, int],
+                  strides: tuple[int, int], pads) -> jax.Array:
+  """[N * H' * W', kh * kw * C_in]: row (n, y, x) holds the input window of
+  output pixel (n, y, x), ordered like an HWIO kernel reshaped to 2D."""
+  kernel_h, kernel_w = kernel_hw
+  stride_h, stride_w = strides
+  batch, height, width, in_channels = x.shape
+  out_h = output_size(height, kernel_h, stride_h, pads[0])
+  out_w = output_size(width, kernel_w, stride_w, pads[1])
+  if any(p != 0 for pair in pads for p in pair):
+    # lax.pad (unlike jnp.pad) also takes negative (cropping) pads.
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+  windows = [
+      jax.lax.slice(x, (0, i, j, 0),
+                    (batch, i + (out_h - 1) * stride_h + 1,
+                     j + (out_w - 1) * stride_w + 1, in_channels),
+                    (1, stride_h, stride_w, 1))
+      for i in range(kernel_h) for j in range(kernel_w)]
+  # Channel index (i * kw + j) * C_in + c matches the HWIO kernel reshaped.
+  patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, -1)
+  return patches.reshape(batch * out_h * out_w,
+                         kernel_h * kernel_w * in_channels)
 
 
 def im2col_conv2d(x: jax.Array, weight: jax.Array,
@@ -150,29 +200,76 @@ def im2col_conv2d(x: jax.Array, weight: jax.Array,
 
   Returns:
     [N, H', W', C_out], equal to `lax.conv_general_dilated` with NHWC/HWIO
-    dimension numbers up to float rounding. The patch tensor it builds is
-    kh * kw times the size of the output map times C_in.
+    dimension numbers up to float rounding. The patch matrix it builds is
+    kh * kw times the size of the output map times C_in. Gradients by
+    autodiff: the input gradient is a matmul followed by the transposes of
+    the slices (pads, summed), the weight gradient one matmul.
   """
-  (stride_h, stride_w), pads = _validate(x.shape, weight.shape, stride,
-                                         padding, 1)
-  kernel_h, kernel_w, in_channels, out_channels = weight.shape
+  strides, pads = _validate(x.shape, weight.shape, stride, padding, 1)
+  kernel_h, kernel_w, _, out_channels = weight.shape
   batch, height, width, _ = x.shape
-  out_h = output_size(height, kernel_h, stride_h, pads[0])
-  out_w = output_size(width, kernel_w, stride_w, pads[1])
-  if any(p != 0 for pair in pads for p in pair):
-    # lax.pad (unlike jnp.pad) also takes negative (cropping) pads.
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                    [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-  windows = [
-      jax.lax.slice(x, (0, i, j, 0),
-                    (batch, i + (out_h - 1) * stride_h + 1,
-                     j + (out_w - 1) * stride_w + 1, in_channels),
-                    (1, stride_h, stride_w, 1))
-      for i in range(kernel_h) for j in range(kernel_w)]
-  # Channel index (i * kw + j) * C_in + c matches the HWIO kernel reshaped.
-  patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, -1)
-  kernel = weight.reshape(kernel_h * kernel_w * in_channels, out_channels)
-  return jax.lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())))
+  out_h = output_size(height, kernel_h, strides[0], pads[0])
+  out_w = output_size(width, kernel_w, strides[1], pads[1])
+  patches = _patch_matrix(x, (kernel_h, kernel_w), strides, pads)
+  # A 2D [N*H'*W', K] x [K, C_out] matmul: its weight gradient is then a
+  # transposed-LHS matmul, which XLA:CPU runs 2-3x faster than the 4D
+  # dot_general (contracting N, H', W') that autodiff of a 4D form gives.
+  out = jnp.matmul(patches, weight.reshape(patches.shape[1], out_channels))
+  return out.reshape(batch, out_h, out_w, out_channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_weight_grad(x, weight, strides, pads):
+  return _lax_conv(x, weight, strides, pads)
+
+
+def _conv_matmul_weight_grad_fwd(x, weight, strides, pads):
+  return _lax_conv(x, weight, strides, pads), (x, weight)
+
+
+def _conv_matmul_weight_grad_bwd(strides, pads, residuals, out_grad):
+  x, weight = residuals
+  _, input_vjp = jax.vjp(lambda x: _lax_conv(x, weight, strides, pads), x)
+  (x_grad,) = input_vjp(out_grad)
+  patches = _patch_matrix(x, weight.shape[:2], strides, pads)
+  weight_grad = jnp.matmul(patches.T,
+                           out_grad.reshape(patches.shape[0], -1))
+  return x_grad, weight_grad.reshape(weight.shape)
+
+
+_conv_matmul_weight_grad.defvjp(_conv_matmul_weight_grad_fwd,
+                                _conv_matmul_weight_grad_bwd)
+
+
+def conv_matmul_weight_grad(x: jax.Array, weight: jax.Array,
+                            stride: int | Sequence[int] = 1,
+                            padding: Padding = 'SAME') -> jax.Array:
+  """`lax.conv_general_dilated` whose weight gradient is one matmul.
+
+  Forward and input gradient are XLA's (for 1x1 kernels XLA itself lowers
+  both to dots). The weight gradient, patch_matrix(x)^T @ out_grad, replaces
+  XLA:CPU's weight-gradient convolution, which is 1.5-3x slower for 1x1
+  kernels on large maps. A custom VJP: reverse mode only (jax.jvp of it
+  raises). Args and result as `im2col_conv2d` (ungrouped).
+  """
+  strides, pads = _validate(x.shape, weight.shape, stride, padding, 1)
+  # Inside shard_map, a replicated weight meets per-device x: autodiff would
+  # psum its gradient over the mesh (the transpose of the implicit pvary);
+  # a custom VJP must be given the weight already varying like x for that.
+  x_axes, weight_axes = _varying_axes(x), _varying_axes(weight)
+  if x_axes - weight_axes:
+    weight = jax.lax.pcast(weight, tuple(sorted(x_axes - weight_axes)),
+                           to='varying')
+  if weight_axes - x_axes:
+    x = jax.lax.pcast(x, tuple(sorted(weight_axes - x_axes)), to='varying')
+  return _conv_matmul_weight_grad(x, weight, strides,
+                                  tuple(tuple(p) for p in pads))
+
+
+def _varying_axes(value: jax.Array) -> frozenset:
+  """Mesh axes (inside shard_map) along which value differs per device."""
+  manual_axis_type = getattr(jax.typeof(value), 'manual_axis_type', None)
+  return frozenset(getattr(manual_axis_type, 'varying', ()))
 
 
 def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
@@ -188,15 +285,15 @@ def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
     feature_group_count: number of channel groups (1 = ordinary conv).
 
   Returns:
-    [N, H', W', C_out] in x's dtype. im2col + dot on CPU for the shapes
-    `uses_im2col` names, `lax.conv_general_dilated` otherwise (module
-    docstring).
+    [N, H', W', C_out] in x's dtype, computed as `choose_implementation`
+    says (module docstring).
   """
   strides, pads = _validate(x.shape, weight.shape, stride, padding,
                             feature_group_count)
-  if uses_im2col(x.shape, weight.shape, strides, pads, feature_group_count):
+  implementation = choose_implementation(x.shape, weight.shape, strides, pads,
+                                         feature_group_count)
+  if implementation == 'im2col':
     return im2col_conv2d(x, weight, strides, pads)
-  return jax.lax.conv_general_dilated(
-      x, weight, window_strides=strides, padding=pads,
-      dimension_numbers=DIMENSION_NUMBERS,
-      feature_group_count=feature_group_count)
+  if implementation == 'lax_matmul_weight_grad':
+    return conv_matmul_weight_grad(x, weight, strides, pads)
+  return _lax_conv(x, weight, strides, pads, feature_group_count)

@@ -1,6 +1,7 @@
-"""nfnets/conv.py: im2col + dot equals lax.conv_general_dilated (value and
-gradients, against a float64 reference), auto takes it exactly where it says,
-and a full train step gives the same loss and parameters either way."""
+"""nfnets/conv.py: its CPU rewrites (im2col + matmul; lax conv with a matmul
+weight gradient) equal lax.conv_general_dilated (value and gradients, against
+a float64 reference), auto takes each exactly where it says, and a full train
+step gives the same loss and parameters as the plain path."""
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +62,12 @@ def _relative_error(value, reference) -> float:
   return float(np.max(np.abs(value - reference)) / np.max(np.abs(reference)))
 
 
+REWRITES = {'im2col': conv.im2col_conv2d,
+            'lax_matmul_weight_grad': conv.conv_matmul_weight_grad}
+
+
 @pytest.mark.parametrize('case', CASES, ids=_case_id)
-def test_im2col_matches_float64_conv_value_and_gradients(case):
+def test_rewrites_match_float64_conv_value_and_gradients(case):
   x_shape, kernel, out_channels, stride, padding = case
   rng = np.random.default_rng(sum(x_shape) + kernel[0] + out_channels)
   x = rng.standard_normal(x_shape)
@@ -79,36 +84,47 @@ def test_im2col_matches_float64_conv_value_and_gradients(case):
     reference = [np.asarray(r) for r in reference]
   assert reference[0].dtype == np.float64
   args32 = [jnp.asarray(a, jnp.float32) for a in (x, w, cotangent)]
-  rewritten = jax.jit(lambda x, w, c: _value_and_grads(
-      lambda x, w: conv.im2col_conv2d(x, w, stride, padding), x, w, c))(
-          *args32)
-  plain32 = jax.jit(lambda x, w, c: _value_and_grads(
+  results = {name: jax.jit(lambda x, w, c, f=rewrite: _value_and_grads(
+      lambda x, w: f(x, w, stride, padding), x, w, c))(*args32)
+             for name, rewrite in REWRITES.items()}
+  results['lax float32'] = jax.jit(lambda x, w, c: _value_and_grads(
       lambda x, w: _reference_conv(x, w, stride, padding), x, w, c))(*args32)
-  for name, got, plain, want in zip(('value', 'grad x', 'grad w'), rewritten,
-                                    plain32, reference):
-    assert got.shape == want.shape and got.dtype == jnp.float32, name
-    assert _relative_error(got, want) < RELATIVE_TOLERANCE, name
-    assert _relative_error(plain, want) < RELATIVE_TOLERANCE, name
+  for impl, outputs in results.items():
+    for name, got, want in zip(('value', 'grad x', 'grad w'), outputs,
+                               reference):
+      assert got.shape == want.shape and got.dtype == jnp.float32, (impl,
+                                                                    name)
+      assert _relative_error(got, want) < RELATIVE_TOLERANCE, (impl, name)
 
 
-def _primitive_names(jaxpr) -> set[str]:
-  names = set()
+def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
+  """Output shapes of every conv_general_dilated, sub-jaxprs included."""
+  shapes = []
   for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
+    if eqn.primitive.name == 'conv_general_dilated':
+      shapes.append(tuple(eqn.outvars[0].aval.shape))
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      names |= _primitive_names(sub)
-  return names
+      shapes += _conv_outputs(sub)
+  return shapes
 
 
-def _conv_primitives(x_shape, w_shape, stride) -> tuple[set, set]:
-  """conv_general_dilated-ness of conv2d's forward and of its gradient."""
+def _conv_counts(x_shape, w_shape, stride) -> tuple[int, int, int]:
+  """(convs in conv2d's forward jaxpr, input-gradient convs (output shaped
+  like x) in its gradient wrt x, weight-gradient convs (output shaped like
+  the kernel) in its gradient wrt w)."""
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
+  loss = lambda x, w: jnp.sum(conv.conv2d(x, w, stride))
   forward = jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride))(x, w)
-  backward = jax.make_jaxpr(jax.grad(
-      lambda x, w: jnp.sum(conv.conv2d(x, w, stride)), argnums=(0, 1)))(x, w)
-  return ('conv_general_dilated' in _primitive_names(forward.jaxpr),
-          'conv_general_dilated' in _primitive_names(backward.jaxpr))
+  grad_x = jax.make_jaxpr(jax.grad(loss, argnums=0))(x, w)
+  grad_w = jax.make_jaxpr(jax.grad(loss, argnums=1))(x, w)
+  forward_shapes = _conv_outputs(forward.jaxpr)
+  # Each gradient jaxpr also holds the forward pass: leave its convs out.
+  return (len(forward_shapes),
+          _conv_outputs(grad_x.jaxpr).count(tuple(x_shape))
+          - forward_shapes.count(tuple(x_shape)),
+          _conv_outputs(grad_w.jaxpr).count(tuple(w_shape))
+          - forward_shapes.count(tuple(w_shape)))
 
 
 @pytest.fixture
@@ -122,40 +138,46 @@ def conv_impl(monkeypatch):
   conv.configured_impl.cache_clear()
 
 
-# (x shape, kernel shape, stride, im2col under auto on CPU).
+# (x shape, kernel shape, stride, implementation under auto on CPU).
 DISPATCH = [
-    ((32, 2, 2, 512), (3, 3, 512, 512), 1, True),    # stage 4 at 64 px
-    ((32, 4, 4, 256), (3, 3, 256, 512), 2, True),    # 2x2 out
-    ((8, 1, 1, 64), (3, 3, 64, 64), 1, True),        # stage 4 at 32 px
-    ((8, 3, 3, 64), (3, 3, 64, 64), 2, True),        # odd map, 2x2 out
-    ((32, 4, 4, 256), (3, 3, 256, 256), 1, False),   # 4x4 out: plain faster
-    ((32, 7, 7, 512), (3, 3, 512, 512), 1, False),   # stage 4 at 224 px
-    ((32, 2, 2, 512), (1, 1, 512, 2048), 1, False),  # 1x1: plain
-    ((32, 64, 64, 3), (7, 7, 3, 64), 2, False),      # stem
+    ((32, 2, 2, 512), (3, 3, 512, 512), 1, 'im2col'),    # stage 4 at 64 px
+    ((32, 4, 4, 256), (3, 3, 256, 512), 2, 'im2col'),    # 2x2 out
+    ((8, 1, 1, 64), (3, 3, 64, 64), 1, 'im2col'),        # stage 4 at 32 px
+    ((8, 3, 3, 64), (3, 3, 64, 64), 2, 'im2col'),        # odd map, 2x2 out
+    ((32, 4, 4, 256), (3, 3, 256, 256), 1, 'lax'),       # 4x4 out
+    ((32, 7, 7, 512), (3, 3, 512, 512), 1, 'lax'),       # stage 4 at 224 px
+    ((32, 64, 64, 3), (7, 7, 3, 64), 2, 'lax'),          # stem
+    ((32, 2, 2, 512), (1, 1, 512, 2048), 1, 'lax_matmul_weight_grad'),
+    ((32, 56, 56, 256), (1, 1, 256, 512), 2, 'lax_matmul_weight_grad'),
 ]
+# _conv_counts per implementation: (forward convs, input-gradient convs,
+# weight-gradient convs).
+CONV_COUNTS = {'lax': (1, 1, 1), 'im2col': (0, 0, 0),
+               'lax_matmul_weight_grad': (1, 1, 0)}
 
 
-@pytest.mark.parametrize('x_shape, w_shape, stride, expect_im2col', DISPATCH)
-def test_auto_takes_im2col_exactly_where_it_says(conv_impl, x_shape, w_shape,
-                                                 stride, expect_im2col):
+@pytest.mark.parametrize('x_shape, w_shape, stride, expected', DISPATCH)
+def test_auto_takes_the_implementation_it_says(conv_impl, x_shape, w_shape,
+                                               stride, expected):
   conv_impl('auto')
   assert jax.default_backend() == 'cpu'
-  assert conv.uses_im2col(x_shape, w_shape, stride) == expect_im2col
-  assert _conv_primitives(x_shape, w_shape, stride) == (
-      (not expect_im2col,) * 2)
+  assert conv.choose_implementation(x_shape, w_shape, stride) == expected
+  assert _conv_counts(x_shape, w_shape, stride) == CONV_COUNTS[expected]
   conv_impl('plain')
-  assert not conv.uses_im2col(x_shape, w_shape, stride)
-  assert _conv_primitives(x_shape, w_shape, stride) == (True, True)
+  assert conv.choose_implementation(x_shape, w_shape, stride) == 'lax'
+  assert _conv_counts(x_shape, w_shape, stride) == CONV_COUNTS['lax']
 
 
 def test_other_backends_and_groups_keep_the_plain_conv(conv_impl):
   conv_impl('auto')
-  tiny = ((32, 2, 2, 512), (3, 3, 512, 512), 1)
-  assert conv.uses_im2col(*tiny, backend='cpu')
-  assert not conv.uses_im2col(*tiny, backend='gpu')
-  assert not conv.uses_im2col(*tiny, backend='tpu')
-  assert not conv.uses_im2col((32, 2, 2, 512), (3, 3, 64, 512), 1,
-                              feature_group_count=8, backend='cpu')
+  for x_shape, w_shape in (((32, 2, 2, 512), (3, 3, 512, 512)),
+                           ((32, 8, 8, 512), (1, 1, 512, 128))):
+    assert conv.choose_implementation(x_shape, w_shape, backend='cpu') != 'lax'
+    assert conv.choose_implementation(x_shape, w_shape, backend='gpu') == 'lax'
+    assert conv.choose_implementation(x_shape, w_shape, backend='tpu') == 'lax'
+  assert conv.choose_implementation((32, 2, 2, 512), (3, 3, 64, 512), 1,
+                                    feature_group_count=8,
+                                    backend='cpu') == 'lax'
 
 
 def test_bad_arguments_raise_clear_errors(conv_impl):
@@ -198,26 +220,36 @@ def _train_two_steps(conv_impl, impl: str):
   jaxpr = jax.make_jaxpr(lambda p, s, x: exp.model.apply(
       p, s, None, x, is_training=False))(state['params'], state['bn_state'],
                                          images)
-  conv_count = _count_convs(jaxpr.jaxpr)
-  return losses, jax.tree.map(np.asarray, state['params']), conv_count
+  counts = _count_primitives(jaxpr.jaxpr)
+  return losses, jax.tree.map(np.asarray, state['params']), counts
 
 
-def _count_convs(jaxpr) -> int:
-  count = 0
+def _count_primitives(jaxpr) -> dict:
+  """{'convs': conv_general_dilated count, 'convs_1x1': those with a 1x1
+  kernel, 'custom_vjps': custom VJP calls}, sub-jaxprs included."""
+  counts = {'convs': 0, 'convs_1x1': 0, 'custom_vjps': 0}
   for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == 'conv_general_dilated'
+    if eqn.primitive.name == 'conv_general_dilated':
+      counts['convs'] += 1
+      counts['convs_1x1'] += eqn.invars[1].aval.shape[:2] == (1, 1)
+    counts['custom_vjps'] += 'custom_vjp' in eqn.primitive.name
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      count += _count_convs(sub)
-  return count
+      for key, value in _count_primitives(sub).items():
+        counts[key] += value
+  return counts
 
 
 def test_train_step_auto_matches_plain(conv_impl):
-  plain_losses, plain_params, plain_convs = _train_two_steps(conv_impl,
-                                                             'plain')
-  auto_losses, auto_params, auto_convs = _train_two_steps(conv_impl, 'auto')
+  plain_losses, plain_params, plain_counts = _train_two_steps(conv_impl,
+                                                              'plain')
+  auto_losses, auto_params, auto_counts = _train_two_steps(conv_impl, 'auto')
   # At 32 px, stages 3 and 4 have 2x2 and 1x1 maps: their 3x3 convs (one per
-  # block, depths (1, 1, 1, 1)) are im2col under auto.
-  assert auto_convs == plain_convs - 2
+  # block, depths (1, 1, 1, 1)) are im2col under auto; every 1x1 conv (two
+  # per block and four shortcuts) is a custom-VJP conv.
+  assert plain_counts['custom_vjps'] == 0
+  assert plain_counts['convs_1x1'] == 12
+  assert auto_counts == dict(plain_counts, convs=plain_counts['convs'] - 2,
+                             custom_vjps=12)
   assert plain_losses[0] != plain_losses[1]  # the step changed the params
   # float32 sums in another order: the loss agrees to float32 rounding, and
   # two SGD steps amplify the difference in params only slightly.
