@@ -162,12 +162,13 @@ def stochastic_depth(x: jax.Array, drop_rate: float, is_training: bool,
 
   Args:
     x: [N, ...] residual-branch output.
-    drop_rate: probability of dropping, in [0, 1).
+    drop_rate: probability of dropping, in [0, 1): a Python float, or a
+      traced scalar (a per-layer input of a scanned stack of blocks).
     is_training: identity when False.
     scale_by_keep: divide kept examples by (1 - drop_rate) so the expected
       output matches evaluation (the reference code does not rescale).
   """
-  if not is_training or drop_rate == 0:
+  if not is_training or (isinstance(drop_rate, (int, float)) and drop_rate == 0):
     return x
   keep_rate = 1.0 - drop_rate
   keep = jax.random.bernoulli(hk.next_rng_key(), keep_rate,

@@ -28,10 +28,15 @@ import ml_collections
 from nfnets import activations
 from nfnets import layers
 from nfnets import signal_stats
+from nfnets import stacking
 
 MODELS = ('nf_resnet', 'bn_resnet', 'skipinit_resnet', 'fixup_resnet')
 BN_ORDERS = ('bn_relu_conv', 'relu_bn_conv')
 CONV_INITS = ('variance_preserving', 'he')
+BLOCK_LOOPS = ('auto', 'scan', 'unrolled')
+# block_loop='auto' scans networks at least this deep (see docs/performance.md
+# for the compile and step times behind it).
+SCAN_MIN_BLOCKS = 60
 VARIANTS = {
     'ResNet26': (2, 2, 2, 2),
     'ResNet50': (3, 4, 6, 3),
@@ -85,6 +90,13 @@ def default_config() -> ml_collections.ConfigDict:
       conv_init='variance_preserving',
       bn_decay=0.9,
       bn_eps=1e-5,
+      # How the identical (non-transition) blocks of each stage run:
+      # 'scan' under hk.layer_stack (lax.scan; compile time independent of
+      # depth), 'unrolled' one after another, 'auto' scan for networks of at
+      # least SCAN_MIN_BLOCKS blocks. Parameters have the same names and
+      # shapes either way, so checkpoints load in both; only the random init
+      # (per-layer key split) and stochastic-depth draws differ.
+      block_loop='auto',
       # Mesh axis over which BatchNorm averages batch statistics (data
       # parallel training); None for single-device use.
       bn_axis_name=None,
@@ -134,6 +146,31 @@ def validate_config(config) -> None:
   if config.conv_init not in CONV_INITS:
     raise ValueError(f'Unknown conv_init {config.conv_init!r}; allowed: '
                      f'{CONV_INITS}.')
+  if config.block_loop not in BLOCK_LOOPS:
+    raise ValueError(f'Unknown block_loop {config.block_loop!r}; allowed: '
+                     f'{BLOCK_LOOPS}.')
+
+
+def uses_scan(config) -> bool:
+  """Whether the identical blocks of each stage run under a scan."""
+  if config.block_loop == 'auto':
+    return sum(stage_depths(config)) >= SCAN_MIN_BLOCKS
+  return config.block_loop == 'scan'
+
+
+def scan_groups(plan) -> list[tuple[int, int]]:
+  """[(first index, count)] of the runs of >= 2 consecutive non-transition
+  blocks within a stage: the blocks a scan can share one trace for."""
+  groups = []
+  for spec in plan:
+    if spec.is_transition:
+      continue
+    first, count = groups[-1] if groups else (-2, 0)
+    if first + count == spec.index and plan[first].stage == spec.stage:
+      groups[-1] = (first, count + 1)
+    else:
+      groups.append((spec.index, 1))
+  return [group for group in groups if group[1] >= 2]
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:
@@ -216,6 +253,124 @@ def block_conv_init_scale(config) -> float:
   return math.sqrt(0.5 / conv_input_second_moment(config))
 
 
+class _Layers:
+  """The per-model choices every conv, normalization and activation shares.
+
+  Its methods create Haiku modules and parameters in the module that calls
+  them (ResNet for the stem and head, Bottleneck for a block).
+  """
+
+  def __init__(self, config, num_blocks: int):
+    self.config = config
+    self.kind = config.name
+    self.scaled_ws = self.kind == 'nf_resnet' and config.use_scaled_ws
+    gain = config.activation_gamma
+    if gain is None and not self.scaled_ws:
+      gain = 1.0
+    self.activation = activations.get_activation(config.activation, gain)
+    self.block_conv_scale = block_conv_init_scale(config)
+    self.fixup_scale = num_blocks ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
+
+  def conv(self, channels, kernel, stride=1, *, name, in_block=True,
+           is_last=False):
+    if self.scaled_ws:
+      return layers.WSConv2D(channels, kernel, stride, eps=self.config.ws_eps,
+                             name=name)
+    init_scale = 1.0  # He for the stem, which sees the image
+    if in_block:
+      init_scale = self.block_conv_scale
+      if self.kind == 'fixup_resnet':
+        init_scale *= 0.0 if is_last else self.fixup_scale
+    return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
+                         with_bias=self.kind == 'nf_resnet', name=name)
+
+  def preactivate(self, x, is_training, name):
+    """Normalization (bn_resnet) and nonlinearity in front of every conv."""
+    config = self.config
+    if self.kind == 'bn_resnet':
+      batch_norm = layers.BatchNorm(config.bn_decay, config.bn_eps,
+                                    config.bn_axis_name, name=name)
+      if config.bn_order == 'bn_relu_conv':
+        return self.activation(batch_norm(x, is_training))
+      return batch_norm(self.activation(x), is_training)
+    if self.kind == 'fixup_resnet':
+      x = x + layers.scalar_parameter(f'{name}_bias_in', 0.0, x.dtype)
+      x = self.activation(x)
+      return x + layers.scalar_parameter(f'{name}_bias_out', 0.0, x.dtype)
+    return self.activation(x)
+
+
+class Bottleneck(hk.Module):
+  """One pre-activation bottleneck block (module name block{index}).
+
+  The static layout comes from a BlockSpec; the two per-block scalars that
+  vary along a stage (expected_std, drop_rate) are call arguments, so a scan
+  can feed them as per-layer inputs.
+  """
+
+  def __init__(self, spec: BlockSpec, network: _Layers, name: str):
+    super().__init__(name=name)
+    self.spec = spec
+    self.network = network
+
+  def __call__(self, x, expected_std, drop_rate, is_training: bool):
+    """x: [N, H, W, C_in]; expected_std, drop_rate: scalars (Python or
+    traced). Returns (output [N, H', W', C_out], branch output before
+    stochastic depth and scaling)."""
+    spec, network, config = self.spec, self.network, self.network.config
+    kind = network.kind
+    x_in = x
+    if kind == 'nf_resnet':
+      x_in = x / jnp.asarray(expected_std, x.dtype)
+    h = network.preactivate(x_in, is_training, 'preact0')
+    shortcut = x
+    if spec.is_transition:
+      shortcut = network.conv(spec.out_channels, 1, spec.stride,
+                              name='shortcut')(h)
+    out = network.conv(spec.bottleneck_channels, 1, name='conv0')(h)
+    out = network.preactivate(out, is_training, 'preact1')
+    out = network.conv(spec.bottleneck_channels, 3, spec.stride,
+                       name='conv1')(out)
+    out = network.preactivate(out, is_training, 'preact2')
+    out = network.conv(spec.out_channels, 1, name='conv2', is_last=True)(out)
+    if config.use_se:
+      hidden = max(1, int(spec.out_channels * config.se_ratio))
+      out = layers.SqueezeExcite(hidden, network.activation, name='se')(out)
+    branch = out
+    if config.stochastic_depth_rate > 0:
+      out = layers.stochastic_depth(out, drop_rate, is_training,
+                                    config.stochastic_depth_scale_by_keep)
+    if kind in ('nf_resnet', 'skipinit_resnet'):
+      out = out * layers.scalar_parameter('skip_gain', config.skip_gain_init,
+                                          out.dtype)
+    if kind == 'nf_resnet':
+      out = out * jnp.asarray(config.alpha, out.dtype)
+    if kind == 'fixup_resnet':
+      out = out * layers.scalar_parameter('multiplier', 1.0, out.dtype)
+      out = out + layers.scalar_parameter('bias', 0.0, out.dtype)
+    return shortcut + out, branch
+
+
+def _scanned_blocks(x, specs, network: _Layers, is_training: bool,
+                    return_stats: bool):
+  """Runs blocks of one layout (specs: consecutive non-transition BlockSpecs)
+  as one scan. Returns (x, None or the per-block signal statistics: three
+  [len(specs)] arrays)."""
+
+  def one_block(x, expected_std, drop_rate):
+    x, branch = Bottleneck(specs[0], network, name=stacking.LAYER_NAME)(
+        x, expected_std, drop_rate, is_training)
+    if not return_stats:
+      return x, None
+    return x, (*signal_stats.channel_stats(x),
+               signal_stats.channel_stats(branch)[1])
+
+  return stacking.scan_layers(
+      one_block, [f'block{spec.index}' for spec in specs], x,
+      jnp.array([spec.expected_std for spec in specs], jnp.float32),
+      jnp.array([spec.drop_rate for spec in specs], jnp.float32))
+
+
 class ResNet(hk.Module):
   """A pre-activation bottleneck ResNet of any kind in MODELS.
 
@@ -231,97 +386,39 @@ class ResNet(hk.Module):
     validate_config(config)
     self.config = config
     self.plan = block_plan(config)
-    self.kind = config.name
-    self.scaled_ws = self.kind == 'nf_resnet' and config.use_scaled_ws
-    gain = config.activation_gamma
-    if gain is None and not self.scaled_ws:
-      gain = 1.0
-    self.activation = activations.get_activation(config.activation, gain)
-    self.block_conv_scale = block_conv_init_scale(config)
-    self.fixup_scale = len(self.plan) ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
-
-  def _conv(self, channels, kernel, stride=1, *, name, is_last=False):
-    if self.scaled_ws:
-      return layers.WSConv2D(channels, kernel, stride, eps=self.config.ws_eps,
-                             name=name)
-    init_scale = 1.0  # He for the stem, which sees the image
-    if 'block' in name:
-      init_scale = self.block_conv_scale
-      if self.kind == 'fixup_resnet':
-        init_scale *= 0.0 if is_last else self.fixup_scale
-    return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
-                         with_bias=self.kind == 'nf_resnet', name=name)
-
-  def _batch_norm(self, x, is_training, name):
-    config = self.config
-    return layers.BatchNorm(config.bn_decay, config.bn_eps,
-                            config.bn_axis_name, name=name)(x, is_training)
-
-  def _preactivate(self, x, is_training, name):
-    """Normalization (bn_resnet) and nonlinearity in front of every conv."""
-    if self.kind == 'bn_resnet':
-      if self.config.bn_order == 'bn_relu_conv':
-        return self.activation(self._batch_norm(x, is_training, name))
-      return self._batch_norm(self.activation(x), is_training, name)
-    if self.kind == 'fixup_resnet':
-      x = x + layers.scalar_parameter(f'{name}_bias_in', 0.0, x.dtype)
-      x = self.activation(x)
-      return x + layers.scalar_parameter(f'{name}_bias_out', 0.0, x.dtype)
-    return self.activation(x)
-
-  def _block(self, x, spec: BlockSpec, is_training):
-    """x: [N, H, W, C_in] -> (output, residual-branch output before scaling)."""
-    name = f'block{spec.index}'
-    config = self.config
-    if self.kind == 'nf_resnet':
-      x_in = x / jnp.asarray(spec.expected_std, x.dtype)
-    else:
-      x_in = x
-    h = self._preactivate(x_in, is_training, f'{name}_preact0')
-    shortcut = x
-    if spec.is_transition:
-      shortcut = self._conv(spec.out_channels, 1, spec.stride,
-                            name=f'{name}_shortcut')(h)
-    out = self._conv(spec.bottleneck_channels, 1, name=f'{name}_conv0')(h)
-    out = self._preactivate(out, is_training, f'{name}_preact1')
-    out = self._conv(spec.bottleneck_channels, 3, spec.stride,
-                     name=f'{name}_conv1')(out)
-    out = self._preactivate(out, is_training, f'{name}_preact2')
-    out = self._conv(spec.out_channels, 1, name=f'{name}_conv2',
-                     is_last=True)(out)
-    if config.use_se:
-      hidden = max(1, int(spec.out_channels * config.se_ratio))
-      out = layers.SqueezeExcite(hidden, self.activation, name=f'{name}_se')(out)
-    branch = out
-    out = layers.stochastic_depth(out, spec.drop_rate, is_training,
-                                  config.stochastic_depth_scale_by_keep)
-    if self.kind in ('nf_resnet', 'skipinit_resnet'):
-      out = out * layers.scalar_parameter(f'{name}_skip_gain', config.skip_gain_init,
-                                          out.dtype)
-    if self.kind == 'nf_resnet':
-      out = out * jnp.asarray(config.alpha, out.dtype)
-    if self.kind == 'fixup_resnet':
-      out = out * layers.scalar_parameter(f'{name}_multiplier', 1.0, out.dtype)
-      out = out + layers.scalar_parameter(f'{name}_bias', 0.0, out.dtype)
-    return shortcut + out, branch
+    self.network = _Layers(config, len(self.plan))
+    self.groups = scan_groups(self.plan) if uses_scan(config) else []
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_stats: bool = False):
     check_image_size(self.config, images.shape[1], images.shape[2])
     config = self.config
-    x = self._conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
-                   name='stem_conv')(images)
+    x = self.network.conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
+                          name='stem_conv', in_block=False)(images)
     x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                     padding='SAME')
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)
-    for spec in self.plan:
-      x, branch = self._block(x, spec, is_training)
+    scan_starts = dict(self.groups)
+    index = 0
+    while index < len(self.plan):
+      if index in scan_starts:
+        count = scan_starts[index]
+        x, stats = _scanned_blocks(x, self.plan[index:index + count],
+                                   self.network, is_training, return_stats)
+        if return_stats:
+          recorder.record_blocks(*stats)
+        index += count
+        continue
+      spec = self.plan[index]
+      x, branch = Bottleneck(spec, self.network, name=f'block{index}')(
+          x, spec.expected_std, spec.drop_rate, is_training)
       if return_stats:
         recorder.record_block(x, branch)
-    x = self._preactivate(x, is_training, 'head_preact')
-    w_init = (jnp.zeros if self.kind == 'fixup_resnet'
+      index += 1
+    x = self.network.preactivate(x, is_training, 'head_preact')
+    w_init = (jnp.zeros if self.network.kind == 'fixup_resnet'
               else hk.initializers.RandomNormal(0.01))
     logits = layers.classifier_head(x, config.num_classes,
                                     config.dropout_rate, is_training, w_init)

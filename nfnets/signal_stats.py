@@ -56,6 +56,17 @@ class SignalRecorder:
     self._record(output)
     self._residual_variances.append(channel_stats(branch)[1])
 
+  def record_blocks(self, squared_means: jax.Array, variances: jax.Array,
+                    residual_variances: jax.Array) -> None:
+    """Statistics of several consecutive blocks computed elsewhere (e.g.
+    the per-layer outputs of a scan): three float32 [num_blocks] arrays, the
+    channel_stats of each block's output and its branch's variance."""
+    if not self._squared_means:
+      raise ValueError('record_stem must be called before record_blocks.')
+    self._squared_means.append(squared_means)
+    self._variances.append(variances)
+    self._residual_variances.append(residual_variances)
+
   def _record(self, x):
     squared_mean, variance = channel_stats(x)
     self._squared_means.append(squared_mean)
@@ -64,6 +75,9 @@ class SignalRecorder:
   def stats(self) -> dict[str, jax.Array]:
     if not self._residual_variances:
       raise ValueError('No residual block was recorded.')
-    return dict(squared_mean=jnp.stack(self._squared_means),
-                variance=jnp.stack(self._variances),
-                residual_variance=jnp.stack(self._residual_variances))
+    # Entries are scalars (one block) or [n] arrays (record_blocks).
+    def concatenate(entries):
+      return jnp.concatenate([jnp.atleast_1d(entry) for entry in entries])
+    return dict(squared_mean=concatenate(self._squared_means),
+                variance=concatenate(self._variances),
+                residual_variance=concatenate(self._residual_variances))

@@ -19,6 +19,7 @@ per stage and `from_stats` + `render` draw the panels as an image.
 """
 
 import csv
+import copy
 import dataclasses
 import math
 import os
@@ -35,10 +36,10 @@ from nfnets import paths
 from nfnets.signal_stats import SignalRecorder  # re-exported for users
 from nfnets.signal_stats import STAT_KEYS
 
-# Deeper than this, run the forward pass op by op instead of under jax.jit:
-# XLA compile time grows with the unrolled depth (about 3 minutes for a
-# ResNet-600 on 2 CPU cores), while op-by-op execution compiles each distinct
-# op shape once and every block of a stage repeats the same shapes.
+# Deeper than this, a model that cannot scan its blocks (no
+# model.block_loop) runs op by op instead of under jax.jit: XLA compile time
+# grows with the unrolled depth (about 3 minutes for a ResNet-600 on 2 CPU
+# cores). Models with block_loop 'auto' are measured scanned and jitted.
 _MAX_JIT_BLOCKS = 32
 # Parameters do not depend on the image size: initialize on small images.
 _INIT_IMAGE_SIZE = 32
@@ -230,15 +231,20 @@ def measure(label: str, model_config, image_size: int, batch_size: int,
   """
   check_inputs(model_config, image_size, batch_size)
   start = time.time()
+  plan = tuple(models.block_plan(model_config))
+  # Deep ResNets: scanned blocks, so jit compiles each stage's block once.
+  scannable = model_config.get('block_loop') in ('auto', 'scan')
+  if model_config.get('block_loop') == 'auto' and len(plan) > _MAX_JIT_BLOCKS:
+    model_config = copy.deepcopy(model_config)
+    model_config.block_loop = 'scan'
   model = models.build(model_config)
   init_rng, images = _random_images(seed, image_size, batch_size)
-  plan = tuple(models.block_plan(model_config))
 
   def statistics(params, state, images):
     (_, stats), _ = model.apply(params, state, None, images, True, True)
     return stats
 
-  if len(plan) <= _MAX_JIT_BLOCKS:
+  if scannable or len(plan) <= _MAX_JIT_BLOCKS:
     init = jax.jit(model.init, static_argnums=2)
     statistics = jax.jit(statistics)
   else:

@@ -104,7 +104,7 @@ def test_relu_fed_convs_are_he_initialized_in_both_modes():
   he_params, _ = _bn_signal_stats('bn_relu_conv', 'he')
   params, _ = _bn_signal_stats('bn_relu_conv', 'variance_preserving')
   jax.tree.map(np.testing.assert_array_equal, params, he_params)
-  conv = 'resnet/~_conv/block1_conv0'  # 1x1, fan-in 32
+  conv = 'resnet/block1/conv0'  # 1x1, fan-in 32
   assert np.std(params[conv]['w']) == pytest.approx(np.sqrt(2 / 32), rel=0.1)
   bn_fed_params, _ = _bn_signal_stats('relu_bn_conv', 'variance_preserving')
   assert np.std(bn_fed_params[conv]['w']) == pytest.approx(np.sqrt(1 / 32),
@@ -274,3 +274,70 @@ def test_image_too_small_raises_before_compute():
   model = resnet.build(resnet.make_config(width=1 / 16))
   with pytest.raises(ValueError, match='24 px is too small'):
     model.init(jax.random.key(0), jnp.zeros((1, 24, 64, 3)), is_training=True)
+
+
+def _loop_config(name, block_loop, **overrides):
+  return resnet.make_config(name=name, depths=(1, 3, 1, 1), width=1 / 16,
+                            num_classes=10, block_loop=block_loop,
+                            skip_gain_init=0.5, **overrides)
+
+
+def test_scan_groups_are_the_runs_of_non_transition_blocks():
+  plan = resnet.block_plan(resnet.make_config(depths=(1, 3, 2, 4)))
+  # Stage starts (blocks 0, 1, 4, 6) are transitions; a lone block is not
+  # worth a scan.
+  assert resnet.scan_groups(plan) == [(2, 2), (7, 3)]
+  assert resnet.uses_scan(resnet.make_config(variant='ResNet288'))
+  assert not resnet.uses_scan(resnet.make_config(variant='ResNet50'))
+  assert resnet.uses_scan(resnet.make_config(block_loop='scan'))
+  with pytest.raises(ValueError, match="block_loop 'loop'.*allowed"):
+    resnet.validate_config(resnet.make_config(block_loop='loop'))
+
+
+@pytest.mark.parametrize('name', ['nf_resnet', 'bn_resnet', 'fixup_resnet'])
+def test_scanned_blocks_equal_unrolled_ones(name):
+  """One parameter tree for both loops; with the same parameters the
+  outputs, signal statistics and BatchNorm state updates (and, for the NF
+  net, the gradients) agree to float32 rounding."""
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  models = {loop: resnet.build(_loop_config(name, loop))
+            for loop in ('unrolled', 'scan')}
+  params, state = jax.jit(models['unrolled'].init, static_argnums=2)(
+      jax.random.key(0), images, True)
+  scan_params, scan_state = jax.jit(models['scan'].init, static_argnums=2)(
+      jax.random.key(0), images, True)
+  assert (jax.tree.map(np.shape, (scan_params, scan_state))
+          == jax.tree.map(np.shape, (params, state)))
+  results = {}
+  for loop, model in models.items():
+    def loss(params, model=model):
+      (logits, stats), new_state = model.apply(params, state, None, images,
+                                               True, True)
+      return jnp.sum(logits**2), (logits, stats, new_state)
+    if name == 'nf_resnet':
+      results[loop] = jax.jit(jax.grad(loss, has_aux=True))(params)
+    else:
+      results[loop] = jax.jit(loss)(params)[1]
+  def close(scanned, unrolled):
+    np.testing.assert_allclose(scanned, unrolled, rtol=2e-5,
+                               atol=2e-5 * np.max(np.abs(unrolled)))
+  jax.tree.map(close, results['scan'], results['unrolled'])
+
+
+def test_scanned_trace_does_not_grow_with_depth():
+  """What makes compile time independent of depth: the traced program of a
+  scanned network has the same size at 3 and 30 blocks per stage."""
+  images = jnp.zeros((2, 32, 32, 3))
+  sizes = {}
+  for depth in (3, 30):
+    config = resnet.make_config(depths=(1, depth, 1, 1), width=1 / 16,
+                                num_classes=10, block_loop='scan')
+    model = resnet.build(config)
+    params, state = jax.eval_shape(
+        functools.partial(model.init, is_training=True),
+        jax.random.key(0), images)
+    jaxpr = jax.make_jaxpr(
+        lambda p, s: model.apply(p, s, None, images, True))(params, state)
+    # Parameters enter as arguments (more with depth); count the equations.
+    sizes[depth] = len(jaxpr.eqns)
+  assert sizes[3] == sizes[30], sizes
