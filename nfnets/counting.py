@@ -9,6 +9,7 @@ Run `python -m nfnets.counting` for the tables of every NF-ResNet variant and
 every NF-RegNet variant (at its train and test resolutions).
 """
 
+import copy
 import math
 
 import haiku as hk
@@ -40,6 +41,10 @@ def count_params_and_macs(config, image_size: int) -> tuple[int, int]:
   """(parameter count, multiply-adds per image) at image_size x image_size."""
   models.validate_config(config)
   models.check_image_size(config, image_size)
+  if config.get('block_loop', 'unrolled') != 'unrolled':
+    # A scan traces one block per stage: count the blocks one by one.
+    config = copy.deepcopy(config)
+    config.block_loop = 'unrolled'
   model = models.build(config)
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   macs = []

@@ -341,3 +341,10 @@ def test_scanned_trace_does_not_grow_with_depth():
     # Parameters enter as arguments (more with depth); count the equations.
     sizes[depth] = len(jaxpr.eqns)
   assert sizes[3] == sizes[30], sizes
+
+
+def test_counting_sees_every_scanned_block():
+  counts = {loop: counting.count_params_and_macs(
+      resnet.make_config(depths=(1, 5, 1, 1), width=0.25, block_loop=loop), 64)
+            for loop in ('unrolled', 'scan')}
+  assert counts['scan'] == counts['unrolled']
