@@ -1,11 +1,12 @@
-"""Per-convolution CPU timing of a model: plain lax conv vs im2col + dot.
+"""Per-convolution CPU timing of a model: lax conv vs nfnets/conv.py rewrites.
 
 Traces the model's training forward pass, collects every convolution (shape,
 kernel, stride, padding, how many times it runs per step, counting scanned
 blocks), then times each distinct one alone, jitted, as forward only and as
 backward only (gradients wrt input and kernel for a given output cotangent;
-a train step runs both), with
-`lax.conv_general_dilated` and with `nfnets.conv.im2col_conv2d`. Prints one
+a train step runs both), with `lax.conv_general_dilated` (plain),
+`nfnets.conv.im2col_conv2d` (im2col) and `nfnets.conv.conv2d` as
+NFNETS_CONV_IMPL=auto chooses (auto). Prints one
 row per shape (ms per call, median of --reps calls after a warm-up) and the
 per-step totals, which say where a train step's convolution time goes and
 which shapes the im2col rule in nfnets/conv.py should take.
@@ -46,8 +47,10 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per case (median).')
 _MODES = flags.DEFINE_list('modes', ['forward', 'backward'],
                            'forward and/or backward (both gradients).')
-_IMPLS = flags.DEFINE_list('impls', ['plain', 'im2col'],
-                           'plain and/or im2col.')
+_IMPLS = flags.DEFINE_list(
+    'impls', ['plain', 'im2col', 'auto'],
+    'Any of plain (lax conv), im2col (im2col_conv2d), auto (conv2d as '
+    'NFNETS_CONV_IMPL=auto chooses).')
 _STEP_ROUNDS = flags.DEFINE_integer(
     'step_rounds', 0, 'Alternating rounds of whole train step / forward with '
     'NFNETS_CONV_IMPL=plain vs auto (0: skip).')
@@ -58,7 +61,17 @@ ConvShape = collections.namedtuple(
 
 
 def model_convolutions(config, image_size: int, batch: int) -> dict:
-  """{ConvShape: times run per forward pass} from the traced model."""
+  """{ConvShape: times run per forward pass} from the traced model (traced
+  with NFNETS_CONV_IMPL=plain, so that every convolution shows up as one)."""
+  user_setting = os.environ.get(conv.IMPL_ENV_VAR)
+  _set_impl('plain')
+  try:
+    return _model_convolutions(config, image_size, batch)
+  finally:
+    _restore_impl(user_setting)
+
+
+def _model_convolutions(config, image_size: int, batch: int) -> dict:
   model = models.build(config.model)
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
                                 jnp.float32)
@@ -87,6 +100,9 @@ def model_convolutions(config, image_size: int, batch: int) -> dict:
 
 
 def _conv_fn(shape: ConvShape, impl: str):
+  if impl == 'auto':  # what conv.conv2d chooses (NFNETS_CONV_IMPL=auto)
+    return lambda x, w: conv.conv2d(x, w, shape.strides, list(shape.padding),
+                                    shape.groups)
   if impl == 'im2col':
     return lambda x, w: conv.im2col_conv2d(x, w, shape.strides,
                                            list(shape.padding))
@@ -124,6 +140,14 @@ def _set_impl(impl: str) -> None:
   conv.configured_impl.cache_clear()  # read again at the next trace
 
 
+def _restore_impl(user_setting: str | None) -> None:
+  if user_setting is None:
+    os.environ.pop(conv.IMPL_ENV_VAR, None)
+  else:
+    os.environ[conv.IMPL_ENV_VAR] = user_setting
+  conv.configured_impl.cache_clear()
+
+
 def compare_steps(config, image_size: int, batch: int, rounds: int,
                   steps: int) -> None:
   """Prints train step and forward images/s, plain vs auto, alternated."""
@@ -153,11 +177,7 @@ def compare_steps(config, image_size: int, batch: int, rounds: int,
     state, metrics = exp.train_step(state, train_batch)
     jax.block_until_ready((metrics, forward(*params, images)))
     cases[impl] = dict(exp=exp, state=state, params=params, forward=forward)
-  if user_setting is None:
-    os.environ.pop(conv.IMPL_ENV_VAR)
-  else:
-    os.environ[conv.IMPL_ENV_VAR] = user_setting
-  conv.configured_impl.cache_clear()
+  _restore_impl(user_setting)
 
   def time_train(case):
     start = time.perf_counter()
@@ -197,9 +217,9 @@ def main(argv):
       raise app.UsageError(f'--modes: unknown {mode!r}; allowed: forward, '
                            'backward.')
   for impl in _IMPLS.value:
-    if impl not in ('plain', 'im2col'):
+    if impl not in ('plain', 'im2col', 'auto'):
       raise app.UsageError(f'--impls: unknown {impl!r}; allowed: plain, '
-                           'im2col.')
+                           'im2col, auto.')
   config = importlib.import_module(f'configs.{_CONFIG.value}').get_config()
   if _REPS.value > 0:
     conv_table(config)

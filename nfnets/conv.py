@@ -46,11 +46,13 @@ DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # On CPU, a conv with a kernel larger than 1x1 runs as im2col when its output
 # map has at most this many pixels (out_h * out_w). NF-ResNet-50 shapes,
 # batch 32, jax 0.10.2 with the YNN flag, 2-core x86 shared with other jobs
-# (ms, forward / backward, lax -> im2col; benchmarks/conv_shapes.py):
-#   3x3 512->512 at 2x2 out:      621 -> 9 / 604 -> 16
-#   3x3 512->512 /2, 2x2 out:     8.7 -> 8.1 / 773 -> 16
-#   3x3 256->256 at 4x4 out:      6.9 -> 8.4 / 17.5 -> 17.0 (no gain)
-#   3x3 128->128 at 8x8 out:      7.7 -> 9.8 / 16.2 -> 23.5 (loss)
+# (ms, forward / backward, lax -> im2col, medians of 7, quietest run;
+# benchmarks/conv_shapes.py --image_size=64):
+#   3x3 512->512 at 2x2 out:      285 -> 3.8 / 285 -> 13.6
+#   3x3 512->512 /2, 2x2 out:     6.6 -> 4.8 / 319 -> 8.6
+#   3x3 256->256 at 4x4 out:      3.3 -> 3.6 / 13.2 -> 8.2 (17.5 -> 17.0 in
+#                                 a busier run: not a clear gain, left lax)
+#   3x3 128->128 at 8x8 out:      4.5 -> 4.6 / 7.4 -> 11.4
 # 3x3 convs with larger maps are 2-9x slower as im2col (building the patches
 # dominates), and so is the 7x7 stem.
 MAX_IM2COL_OUTPUT_PIXELS = 4
