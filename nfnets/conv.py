@@ -13,13 +13,21 @@ rounding; tests/test_conv.py checks value and gradients against float64):
     channels and multiplied with the reshaped kernel in one matmul; autodiff
     gives the input gradient as a matmul plus pads and the weight gradient
     as one matmul.
-  * 'lax_matmul_weight_grad' (`conv_matmul_weight_grad`): 1x1 convolutions.
+  * 'lax_matmul_weight_grad' (`conv_cpu_gradients`): 1x1 convolutions.
     XLA already runs their forward and input gradient as dots, but their
     weight gradient as a convolution, 1.5-3x slower than the equivalent
     matmul x^T @ dy on maps of 28x28 and more. A custom VJP keeps XLA's
     forward and input gradient and computes the weight gradient as that
     matmul.
-  * 'lax': everything else (`lax.conv_general_dilated`).
+  * 'lax_canonical_grads' (`conv_cpu_gradients`): the other ungrouped
+    convolutions. XLA's forward; both gradients as convolutions in the
+    forward's NHWC/HWIO form with the transposes written out. Autodiff's
+    weight-gradient convolution (batch and feature roles swapped) is fast
+    on XLA:CPU only once its layout pass has made it canonical, which it
+    does not inside a loop body: under lax.scan (model.block_loop='scan')
+    a 3x3 weight gradient ran 30x slower.
+  * 'lax': everything else (`lax.conv_general_dilated`), and every
+    convolution on other backends.
 
 Which implementation runs:
   * `NFNETS_CONV_IMPL=plain` (environment, read once at first use): always
@@ -39,8 +47,9 @@ import jax.numpy as jnp
 IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
 IMPLS = ('auto', 'plain')
 # What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
-# conv_matmul_weight_grad.
-IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_weight_grad')
+# conv_cpu_gradients (two kinds of backward pass, by kernel size).
+IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_weight_grad',
+                   'lax_canonical_grads')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 # On CPU, a conv with a kernel larger than 1x1 runs as im2col when its output
@@ -60,6 +69,11 @@ MAX_IM2COL_OUTPUT_PIXELS = 4
 # over the 1x1 convs of one NF-ResNet-50 train step (batch 32, best of 5-12
 # interleaved runs, same machine): 224 px 4.2 -> 2.4 s, 64 px 184 -> 156 ms.
 ONE_BY_ONE_MATMUL_WEIGHT_GRAD = True
+# Other ungrouped convs on CPU (not im2col) as 'lax_canonical_grads': XLA's
+# forward, both gradients as convolutions in the forward's NHWC/HWIO form
+# (see _canonical_gradients): needed under lax.scan (scanned blocks), where
+# XLA:CPU runs autodiff's weight-gradient convolution 30x slower.
+CANONICAL_GRADIENTS = True
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -154,7 +168,7 @@ def choose_implementation(x_shape: Sequence[int],
                               pads[a]) for a in range(2))
   if out_h * out_w <= MAX_IM2COL_OUTPUT_PIXELS:
     return 'im2col'
-  return 'lax'
+  return 'lax_canonical_grads' if CANONICAL_GRADIENTS else 'lax'
 
 
 def _lax_conv(x, weight, strides, pads, feature_group_count=1):
@@ -221,16 +235,59 @@ def im2col_conv2d(x: jax.Array, weight: jax.Array,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_matmul_weight_grad(x, weight, strides, pads):
+def _conv_cpu_gradients(x, weight, strides, pads):
   return _lax_conv(x, weight, strides, pads)
 
 
-def _conv_matmul_weight_grad_fwd(x, weight, strides, pads):
+def _conv_cpu_gradients_fwd(x, weight, strides, pads):
   return _lax_conv(x, weight, strides, pads), (x, weight)
 
 
-def _conv_matmul_weight_grad_bwd(strides, pads, residuals, out_grad):
+def _gradient_pads(in_size, out_size, kernel, stride, pads):
+  """Pads of one spatial axis for the two gradient convolutions.
+
+  Returns (weight-gradient pads, input-gradient pads): the forward pass used
+  pads[0] before and `used_after` after the input (the stride may leave
+  trailing input unused, i.e. a negative pad).
+  """
+  used_after = kernel + (out_size - 1) * stride - in_size - pads[0]
+  before = kernel - 1 - pads[0]
+  after = in_size + kernel - 1 - ((out_size - 1) * stride + 1) - before
+  return (pads[0], used_after), (before, after)
+
+
+def _canonical_gradients(x, weight, strides, pads, out_grad):
+  """(input gradient, weight gradient) of the ungrouped NHWC/HWIO conv as
+  two convolutions in the forward's own NHWC/HWIO form.
+
+  XLA:CPU runs the weight-gradient convolution jax's autodiff emits
+  (batch and feature roles swapped) with a fast kernel only after its
+  layout pass makes it canonical, which it cannot do inside a loop body: in
+  a lax.scan such a 3x3 weight gradient ran 30x slower. Writing the
+  transposes out keeps every convolution canonical wherever it runs.
+  """
+  kernel = weight.shape[:2]
+  axes = [_gradient_pads(x.shape[1 + a], out_grad.shape[1 + a], kernel[a],
+                         strides[a], pads[a]) for a in range(2)]
+  # dW[i, j, c, o] = sum_{n, y, x} x_pad[n, y*s + i, x*s + j, c] dy[n, y, x, o]:
+  # a convolution with x's channels as its batch and N contracted.
+  weight_grad = jax.lax.conv_general_dilated(
+      jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(out_grad, (1, 2, 0, 3)),
+      window_strides=(1, 1), padding=[a[0] for a in axes],
+      rhs_dilation=strides, dimension_numbers=DIMENSION_NUMBERS)
+  weight_grad = jnp.transpose(weight_grad, (1, 2, 0, 3))
+  # dx: dy dilated by the stride, correlated with the flipped kernel.
+  flipped = jnp.transpose(jnp.flip(weight, (0, 1)), (0, 1, 3, 2))
+  x_grad = jax.lax.conv_general_dilated(
+      out_grad, flipped, window_strides=(1, 1), padding=[a[1] for a in axes],
+      lhs_dilation=strides, dimension_numbers=DIMENSION_NUMBERS)
+  return x_grad, weight_grad
+
+
+def _conv_cpu_gradients_bwd(strides, pads, residuals, out_grad):
   x, weight = residuals
+  if weight.shape[0] * weight.shape[1] != 1:
+    return _canonical_gradients(x, weight, strides, pads, out_grad)
   _, input_vjp = jax.vjp(lambda x: _lax_conv(x, weight, strides, pads), x)
   (x_grad,) = input_vjp(out_grad)
   patches = _patch_matrix(x, weight.shape[:2], strides, pads)
@@ -239,19 +296,20 @@ def _conv_matmul_weight_grad_bwd(strides, pads, residuals, out_grad):
   return x_grad, weight_grad.reshape(weight.shape)
 
 
-_conv_matmul_weight_grad.defvjp(_conv_matmul_weight_grad_fwd,
-                                _conv_matmul_weight_grad_bwd)
+_conv_cpu_gradients.defvjp(_conv_cpu_gradients_fwd, _conv_cpu_gradients_bwd)
 
 
-def conv_matmul_weight_grad(x: jax.Array, weight: jax.Array,
-                            stride: int | Sequence[int] = 1,
-                            padding: Padding = 'SAME') -> jax.Array:
-  """`lax.conv_general_dilated` whose weight gradient is one matmul.
+def conv_cpu_gradients(x: jax.Array, weight: jax.Array,
+                       stride: int | Sequence[int] = 1,
+                       padding: Padding = 'SAME') -> jax.Array:
+  """`lax.conv_general_dilated` with a backward pass XLA:CPU runs fast.
 
-  Forward and input gradient are XLA's (for 1x1 kernels XLA itself lowers
-  both to dots). The weight gradient, patch_matrix(x)^T @ out_grad, replaces
-  XLA:CPU's weight-gradient convolution, which is 1.5-3x slower for 1x1
-  kernels on large maps. A custom VJP: reverse mode only (jax.jvp of it
+  The forward pass is XLA's. 1x1 kernels ('lax_matmul_weight_grad'): the
+  input gradient is XLA's too (it lowers it to a dot), the weight gradient
+  is one matmul, patch_matrix(x)^T @ out_grad, instead of XLA:CPU's
+  weight-gradient convolution, 1.5-3x slower on large maps. Larger kernels
+  ('lax_canonical_grads'): both gradients as canonical convolutions
+  (_canonical_gradients). A custom VJP: reverse mode only (jax.jvp of it
   raises). Args and result as `im2col_conv2d` (ungrouped).
   """
   strides, pads = _validate(x.shape, weight.shape, stride, padding, 1)
@@ -264,8 +322,8 @@ def conv_matmul_weight_grad(x: jax.Array, weight: jax.Array,
                            to='varying')
   if weight_axes - x_axes:
     x = jax.lax.pcast(x, tuple(sorted(weight_axes - x_axes)), to='varying')
-  return _conv_matmul_weight_grad(x, weight, strides,
-                                  tuple(tuple(p) for p in pads))
+  return _conv_cpu_gradients(x, weight, strides,
+                             tuple(tuple(p) for p in pads))
 
 
 def _varying_axes(value: jax.Array) -> frozenset:
@@ -296,6 +354,6 @@ def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
                                          feature_group_count)
   if implementation == 'im2col':
     return im2col_conv2d(x, weight, strides, pads)
-  if implementation == 'lax_matmul_weight_grad':
-    return conv_matmul_weight_grad(x, weight, strides, pads)
+  if implementation in ('lax_matmul_weight_grad', 'lax_canonical_grads'):
+    return conv_cpu_gradients(x, weight, strides, pads)
   return _lax_conv(x, weight, strides, pads, feature_group_count)
