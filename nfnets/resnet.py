@@ -34,9 +34,6 @@ MODELS = ('nf_resnet', 'bn_resnet', 'skipinit_resnet', 'fixup_resnet')
 BN_ORDERS = ('bn_relu_conv', 'relu_bn_conv')
 CONV_INITS = ('variance_preserving', 'he')
 BLOCK_LOOPS = ('auto', 'scan', 'unrolled')
-# block_loop='auto' scans networks at least this deep (see docs/performance.md
-# for the compile and step times behind it).
-SCAN_MIN_BLOCKS = 60
 VARIANTS = {
     'ResNet26': (2, 2, 2, 2),
     'ResNet50': (3, 4, 6, 3),
@@ -91,11 +88,14 @@ def default_config() -> ml_collections.ConfigDict:
       bn_decay=0.9,
       bn_eps=1e-5,
       # How the identical (non-transition) blocks of each stage run:
-      # 'scan' under hk.layer_stack (lax.scan; compile time independent of
-      # depth), 'unrolled' one after another, 'auto' scan for networks of at
-      # least SCAN_MIN_BLOCKS blocks. Parameters have the same names and
-      # shapes either way, so checkpoints load in both; only the random init
-      # (per-layer key split) and stochastic-depth draws differ.
+      # 'scan' under one lax.scan per stage (nfnets/stacking.py: compile time
+      # no longer grows with the blocks' depth), 'unrolled' one after
+      # another, 'auto' unrolled in training (scanned steps were 27% slower
+      # on CPU, docs/performance.md) and scanned in spp.measure for networks
+      # deeper than 32 blocks (forward only, compile-bound). Parameters have
+      # the same names and shapes either way, so checkpoints load in both;
+      # only the random init (per-layer key split) and stochastic-depth
+      # draws differ.
       block_loop='auto',
       # Mesh axis over which BatchNorm averages batch statistics (data
       # parallel training); None for single-device use.
@@ -152,9 +152,8 @@ def validate_config(config) -> None:
 
 
 def uses_scan(config) -> bool:
-  """Whether the identical blocks of each stage run under a scan."""
-  if config.block_loop == 'auto':
-    return sum(stage_depths(config)) >= SCAN_MIN_BLOCKS
+  """Whether the identical blocks of each stage run under a scan ('auto'
+  means unrolled here; spp.measure resolves it to 'scan' for deep nets)."""
   return config.block_loop == 'scan'
 
 

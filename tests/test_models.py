@@ -287,8 +287,7 @@ def test_scan_groups_are_the_runs_of_non_transition_blocks():
   # Stage starts (blocks 0, 1, 4, 6) are transitions; a lone block is not
   # worth a scan.
   assert resnet.scan_groups(plan) == [(2, 2), (7, 3)]
-  assert resnet.uses_scan(resnet.make_config(variant='ResNet288'))
-  assert not resnet.uses_scan(resnet.make_config(variant='ResNet50'))
+  assert not resnet.uses_scan(resnet.make_config(variant='ResNet600'))
   assert resnet.uses_scan(resnet.make_config(block_loop='scan'))
   with pytest.raises(ValueError, match="block_loop 'loop'.*allowed"):
     resnet.validate_config(resnet.make_config(block_loop='loop'))

@@ -272,3 +272,26 @@ def test_custom_model_with_wrong_statistics_fails_before_compute():
     spp.measure_function('x', lambda images: jax.nn.relu(images), 32, 2)
   with pytest.raises(ValueError, match='image_size must be an integer >= 1'):
     spp.measure_function('x', forward, 0, 2)
+
+
+def test_deep_networks_are_measured_scanned_and_jitted(monkeypatch):
+  """A ResNet deeper than 32 blocks (block_loop 'auto') runs its stages as
+  scans under jit, not op by op, and its NF variance still follows the
+  analytic expectation in the first stages."""
+  from nfnets import stacking  # pylint: disable=g-import-not-at-top
+  scanned_layers = []
+  scan_layers = stacking.scan_layers
+
+  def spy(layer_fn, flat_names, *args):
+    scanned_layers.append(len(flat_names))
+    return scan_layers(layer_fn, flat_names, *args)
+
+  monkeypatch.setattr(stacking, 'scan_layers', spy)
+  config = resnet.make_config(depths=(12, 12, 12, 2), width=1 / 16,
+                              alpha=1.0, skip_gain_init=1.0, num_classes=10)
+  result = spp.measure('deep', config, image_size=64, batch_size=4)
+  # Traced once for init and once for the measurement, 11 + 11 + 11 + 1
+  # blocks per stage; the lone last block of stage 4 is not scanned.
+  assert scanned_layers == [11, 11, 11] * 2
+  ratio = result.variance[1:] / spp.expected_variances(result.plan, 1.0)[1:]
+  assert np.all((ratio[:24] > 0.7) & (ratio[:24] < 1.3)), ratio
