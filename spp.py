@@ -12,10 +12,10 @@ runs.
 import resource
 import time
 
-from absl import app
-from absl import flags
 from ml_collections import config_flags
 
+from nfnets import cli
+from nfnets import errors
 from nfnets import spp
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'SPP preset file.')
@@ -24,7 +24,10 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'SPP preset file.')
 def main(argv):
   del argv
   config = _CONFIG.value
-  spp.check_preset(config)
+  try:
+    spp.check_preset(config)
+  except ValueError as e:  # a bad preset or override: the user's to fix
+    raise errors.UserError(str(e)) from None
   start = time.time()
   results = spp.run(dict(config.models.items()), config.image_size,
                     config.batch_size, config.seed, config.output_dir,
@@ -36,5 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  cli.run(main, required=['config'])

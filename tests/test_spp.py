@@ -295,3 +295,15 @@ def test_deep_networks_are_measured_scanned_and_jitted(monkeypatch):
   assert scanned_layers == [11, 11, 11] * 2
   ratio = result.variance[1:] / spp.expected_variances(result.plan, 1.0)[1:]
   assert np.all((ratio[:24] > 0.7) & (ratio[:24] < 1.3)), ratio
+
+
+def test_cli_bad_preset_is_one_line_without_traceback():
+  result = subprocess.run(
+      [sys.executable, 'spp.py', '--config=configs/spp/quick.py',
+       '--config.image_size=16'],
+      cwd=ROOT,
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, lines
+  assert '16 px is too small' in lines[0] and 'at least 32 px' in lines[0]
