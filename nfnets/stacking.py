@@ -21,15 +21,12 @@ import jax.numpy as jnp
 LAYER_NAME = 'layer'
 
 
-def _flat_name(stacked_name: str, flat_names: Sequence[str], index: int):
-  return flat_names[index] + stacked_name[len(LAYER_NAME):]
-
-
 def _split(stacked: dict, flat_names: Sequence[str]) -> dict:
   """{'layer/..': {k: [L, ...]}} -> {'<flat_names[i]>/..': {k: [...]}}."""
-  return {_flat_name(module, flat_names, i): {k: v[i] for k, v in entries.items()}
+  return {name + module[len(LAYER_NAME):]:
+              {k: v[i] for k, v in entries.items()}
           for module, entries in stacked.items()
-          for i in range(len(flat_names))}
+          for i, name in enumerate(flat_names)}
 
 
 def _stack(flat: dict, flat_names: Sequence[str]) -> dict:
