@@ -38,14 +38,16 @@ def main(argv):
   try:
     if _STEP.value is None:
       found = checkpointer.restore_latest_intact(
-          exp.abstract_state(), warn=lambda line: print(line, flush=True))
+          exp.abstract_state(), warn=lambda line: print(line, flush=True),
+          other_layouts=exp.other_layouts())
       if found is None:
         raise errors.UserError(f'No checkpoint in {checkpointer.directory}.')
       step, state = found[0], found[1]
     else:
       step = _STEP.value
       try:
-        state = checkpointer.restore(step, exp.abstract_state())[0]
+        state = checkpointer.restore(step, exp.abstract_state(),
+                                     exp.other_layouts())[0]
       except FileNotFoundError as e:
         raise errors.UserError(str(e)) from None
       except checkpointing.CheckpointMismatchError:

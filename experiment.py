@@ -190,6 +190,13 @@ class Experiment:
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
                                        sharding=self.replicated), shapes)
 
+  def other_layouts(self) -> list:
+    """models.other_layouts of the model, converting back in one jitted
+    program (restored arrays may span processes): for
+    Checkpointer.restore."""
+    return [(to_other, jax.jit(back, out_shardings=self.replicated))
+            for to_other, back in models.other_layouts(self.config.model)]
+
   def shard_batch(self, local_batch: dict) -> dict:
     """Process-local numpy batch -> global arrays sharded over the mesh."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -447,8 +454,9 @@ def _train(config, workdir, allow_config_change, log) -> dict:
   total = experiment.total_steps
   checkpointer = checkpointing.Checkpointer(workdir, train.keep_checkpoints)
   try:
-    found = checkpointer.restore_latest_intact(experiment.abstract_state(),
-                                               warn=log)
+    found = checkpointer.restore_latest_intact(
+        experiment.abstract_state(), warn=log,
+        other_layouts=experiment.other_layouts())
   except BaseException:
     checkpointer.close()
     raise

@@ -126,11 +126,14 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def restore(self, step: int, abstract_state):
+  def restore(self, step: int, abstract_state, other_layouts=()):
     """(state, data_state, config_dict or None) of step; abstract_state
-    gives structure, shapes and shardings. Raises CheckpointMismatchError
-    naming what differs, FileNotFoundError for a step that is not there, and
-    the storage's own error for a damaged checkpoint."""
+    gives structure, shapes and shardings. other_layouts: [(to_other,
+    back)] of the model's other parameter layouts (models.other_layouts):
+    a checkpoint stored in one of them is read in it and converted back.
+    Raises CheckpointMismatchError naming what differs, FileNotFoundError
+    for a step that is not there, and the storage's own error for a
+    damaged checkpoint."""
     if step not in self.manager.all_steps():
       raise FileNotFoundError(
           f'No checkpoint for step {step} in {self.directory}; available: '
@@ -138,6 +141,12 @@ class Checkpointer:
     stored = self.manager.item_metadata(step)['state']
     stored = getattr(stored, 'tree', stored)
     mismatch = describe_mismatch(abstract_state['params'], stored['params'])
+    back = None
+    for to_other, to_model in other_layouts if mismatch else ():
+      other = to_other(abstract_state)
+      if not describe_mismatch(other['params'], stored['params']):
+        abstract_state, back, mismatch = other, to_model, ''
+        break
     if mismatch:
       raise CheckpointMismatchError(
           f'Checkpoint {self.directory} step {step} does not fit the '
@@ -150,9 +159,11 @@ class Checkpointer:
       items['config'] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     config = restored['config'] if has_config else None
-    return restored['state'], restored['data'], config or None
+    state = restored['state'] if back is None else back(restored['state'])
+    return state, restored['data'], config or None
 
-  def restore_latest_intact(self, abstract_state, warn=print):
+  def restore_latest_intact(self, abstract_state, warn=print,
+                            other_layouts=()):
     """(step, state, data_state, config_dict) of the newest checkpoint that
     reads back, or None if there is none.
 
@@ -165,7 +176,8 @@ class Checkpointer:
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        state, data_state, config = self.restore(step, abstract_state)
+        state, data_state, config = self.restore(step, abstract_state,
+                                                 other_layouts)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except

@@ -1,7 +1,7 @@
 """Optimizer and loss of the training recipe, all from optax.
 
 SGD with Nesterov momentum, weight decay masked off gains, biases and
-scalars, linear warmup then cosine decay to optim.end_learning_rate,
+scalars (per layer for stacked parameters), linear warmup then cosine decay to optim.end_learning_rate,
 learning rate scaled by batch / 256, optional adaptive gradient clipping
 (classifier excluded).
 """
@@ -9,6 +9,8 @@ learning rate scaled by batch / 256, optional adaptive gradient clipping
 import jax
 import jax.numpy as jnp
 import optax
+
+from nfnets import stacking
 
 
 def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
@@ -37,9 +39,11 @@ def _path_names(path) -> list[str]:
 
 
 def weight_decay_mask(params):
-  """True for conv and linear kernels (ndim > 1); False for gains, biases,
-  BatchNorm scales and offsets, skip gains and other scalars."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """True for conv and linear kernels (ndim > 1 per layer); False for gains,
+  biases, BatchNorm scales and offsets, skip gains and other scalars.
+  Stacked values (nfnets/stacking.py) have a leading layer axis."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim - stacking.is_stacked(path) > 1, params)
 
 
 def agc_mask(params):
@@ -49,12 +53,29 @@ def agc_mask(params):
       params)
 
 
+def adaptive_grad_clip(clipping: float) -> optax.GradientTransformation:
+  """optax.adaptive_grad_clip with unit-wise norms per layer: a stacked
+  [L, H, W, I, O] kernel (nfnets/stacking.py) is L kernels, not one 5-D
+  one, and a stacked [L] gain is L scalars."""
+  clip = optax.adaptive_grad_clip(clipping)
+
+  def update(updates, state, params=None):
+    def clip_one(path, update, param):
+      clip_layer = lambda u, p: clip.update(u, state, p)[0]
+      if stacking.is_stacked(path):
+        return jax.vmap(clip_layer)(update, param)
+      return clip_layer(update, param)
+    return jax.tree_util.tree_map_with_path(clip_one, updates, params), state
+
+  return optax.GradientTransformation(clip.init, update)
+
+
 def make_optimizer(optim_config, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
   chain = []
   if optim_config.agc_clipping:
-    chain.append(optax.masked(
-        optax.adaptive_grad_clip(optim_config.agc_clipping), agc_mask))
+    chain.append(optax.masked(adaptive_grad_clip(optim_config.agc_clipping),
+                              agc_mask))
   if optim_config.weight_decay:
     chain.append(optax.add_decayed_weights(optim_config.weight_decay,
                                            mask=weight_decay_mask))

@@ -88,14 +88,15 @@ def default_config() -> ml_collections.ConfigDict:
       bn_decay=0.9,
       bn_eps=1e-5,
       # How the identical (non-transition) blocks of each stage run:
-      # 'scan' under one lax.scan per stage (nfnets/stacking.py: compile time
-      # no longer grows with the blocks' depth), 'unrolled' one after
-      # another, 'auto' unrolled in training (scanned steps were 27% slower
-      # on CPU, docs/performance.md) and scanned in spp.measure for networks
-      # deeper than 32 blocks (forward only, compile-bound). Parameters have
-      # the same names and shapes either way, so checkpoints load in both;
-      # only the random init (per-layer key split) and stochastic-depth
-      # draws differ.
+      # 'scan' under one lax.scan per stage, their parameters stored stacked
+      # ('resnet/stacked_block2_to_block3/conv0', nfnets/stacking.py:
+      # compile time no longer grows with depth); 'unrolled' one after
+      # another, parameters per block ('resnet/block2/conv0'); 'auto'
+      # unrolled in training (scanned steps were slower on CPU,
+      # docs/performance.md) and scanned in spp.measure for networks deeper
+      # than 32 blocks (forward only, compile-bound). A checkpoint written
+      # in either form loads in the other (convert_to_block_loop); only the
+      # random init (per-layer key split) and stochastic-depth draws differ.
       block_loop='auto',
       # Mesh axis over which BatchNorm averages batch statistics (data
       # parallel training); None for single-device use.
@@ -170,6 +171,25 @@ def scan_groups(plan) -> list[tuple[int, int]]:
     else:
       groups.append((spec.index, 1))
   return [group for group in groups if group[1] >= 2]
+
+
+def scan_layer_names(config) -> list[list[str]]:
+  """The block module names each scan runs (whatever config.block_loop):
+  [['block2', 'block3'], ...] from scan_groups."""
+  return [[f'block{index}' for index in range(first, first + count)]
+          for first, count in scan_groups(block_plan(config))]
+
+
+def convert_to_block_loop(tree, config, block_loop: str):
+  """A params / state / optimizer state / train state tree of config's
+  network (or its shapes) in the per-block form, rewritten to the form that
+  block_loop stores ('scan': stacked; 'unrolled' or 'auto': per block), or
+  back with the inverse direction. Trees already in the target form are
+  returned unchanged."""
+  groups = scan_layer_names(config)
+  if block_loop == 'scan':
+    return stacking.stack_modules(tree, groups)
+  return stacking.unstack_modules(tree, groups)
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:

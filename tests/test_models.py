@@ -301,22 +301,35 @@ def test_scanned_blocks_equal_unrolled_ones(name):
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   models = {loop: resnet.build(_loop_config(name, loop))
             for loop in ('unrolled', 'scan')}
+  config = _loop_config(name, 'scan')
   params, state = jax.jit(models['unrolled'].init, static_argnums=2)(
       jax.random.key(0), images, True)
   scan_params, scan_state = jax.jit(models['scan'].init, static_argnums=2)(
       jax.random.key(0), images, True)
+  # Stored stacked: blocks 2 and 3 (stage 2) as one module per kind.
+  stacked = 'resnet/stacked_block2_to_block3/conv1'
+  assert scan_params[stacked]['w'].shape == (2,) + params[
+      'resnet/block2/conv1']['w'].shape
+  assert not any('block2' in module.split('/') for module in scan_params)
+  to_scan = functools.partial(resnet.convert_to_block_loop, config=config,
+                              block_loop='scan')
   assert (jax.tree.map(np.shape, (scan_params, scan_state))
-          == jax.tree.map(np.shape, (params, state)))
+          == jax.tree.map(np.shape, to_scan((params, state))))
+  back = resnet.convert_to_block_loop(to_scan(params), config, 'unrolled')
+  jax.tree.map(np.testing.assert_array_equal, back, params)
   results = {}
   for loop, model in models.items():
-    def loss(params, model=model):
-      (logits, stats), new_state = model.apply(params, state, None, images,
-                                               True, True)
+    convert = to_scan if loop == 'scan' else lambda tree: tree
+    def loss(params, model=model, convert=convert):
+      (logits, stats), new_state = model.apply(
+          convert(params), convert(state), None, images, True, True)
       return jnp.sum(logits**2), (logits, stats, new_state)
     if name == 'nf_resnet':
       results[loop] = jax.jit(jax.grad(loss, has_aux=True))(params)
     else:
       results[loop] = jax.jit(loss)(params)[1]
+  results['scan'] = resnet.convert_to_block_loop(results['scan'], config,
+                                                 'unrolled')
   def close(scanned, unrolled):
     np.testing.assert_allclose(scanned, unrolled, rtol=2e-5,
                                atol=2e-5 * np.max(np.abs(unrolled)))
@@ -337,8 +350,8 @@ def test_scanned_trace_does_not_grow_with_depth():
         jax.random.key(0), images)
     jaxpr = jax.make_jaxpr(
         lambda p, s: model.apply(p, s, None, images, True))(params, state)
-    # Parameters enter as arguments (more with depth); count the equations.
-    sizes[depth] = len(jaxpr.eqns)
+    # Stored stacked, the parameters are the same number of arrays too.
+    sizes[depth] = (len(jaxpr.eqns), len(jax.tree.leaves(params)))
   assert sizes[3] == sizes[30], sizes
 
 

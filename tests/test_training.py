@@ -19,6 +19,7 @@ from nfnets import checkpointing
 from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
+from nfnets import resnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # overrides for a few-second run of the quickstart config
@@ -326,3 +327,53 @@ def test_bfloat16_compute_keeps_float32_state():
   assert floats and all(x.dtype == jax.numpy.float32 for x in floats)
   assert metrics['loss'].dtype == jax.numpy.float32
   assert np.isfinite(float(metrics['loss']))
+
+
+def test_scanned_training_equals_unrolled_and_checkpoints_load_either_way(
+    tmp_path):
+  """Stored stacked (block_loop 'scan'), the whole step - AGC with per-layer
+  unit-wise norms, weight decay off stacked gains and biases, momentum, EMA
+  - does what the unrolled network's does; and a checkpoint written in one
+  form restores in the other."""
+  configs = {}
+  for loop in ('unrolled', 'scan'):
+    config = _tiny_config(steps=2)
+    config.model.update(dict(depths=(1, 3, 1, 1), block_loop=loop,
+                             stochastic_depth_rate=0.0, dropout_rate=0.0))
+    config.optim.update(dict(agc_clipping=0.01, warmup_epochs=0.0))
+    configs[loop] = config
+  exps = {loop: experiment.Experiment(c) for loop, c in configs.items()}
+  to_scan, to_unrolled = [
+      lambda tree, loop=loop: resnet.convert_to_block_loop(
+          tree, configs['scan'].model, loop) for loop in ('scan', 'unrolled')]
+  source = data.get_source(configs['scan'].data, 'train')
+  batch = {'images': source.records.images[:32],
+           'labels': source.records.labels[:32]}
+  states = {'unrolled': exps['unrolled'].init_state()}
+  # Copies: the step donates its state, and unscanned modules are shared.
+  states['scan'] = to_scan(jax.tree.map(jax.numpy.copy, states['unrolled']))
+  assert any('stacked_' in m for m in states['scan']['params'])
+  for loop, exp in exps.items():
+    for _ in range(2):
+      states[loop], _ = exp.train_step(states[loop], batch)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(states['unrolled']['params']),
+      jax.tree.leaves(to_unrolled(exps['unrolled'].init_state())['params'])))
+  assert moved > 1e-3
+  for scanned, unrolled in zip(
+      jax.tree.leaves(to_unrolled(checkpointing.to_host(states['scan']))),
+      jax.tree.leaves(checkpointing.to_host(states['unrolled']))):
+    np.testing.assert_allclose(scanned, unrolled, rtol=1e-4,
+                               atol=1e-5 * np.max(np.abs(unrolled)))
+  for writer, reader in (('unrolled', 'scan'), ('scan', 'unrolled')):
+    workdir = str(tmp_path / writer)
+    checkpointer = checkpointing.Checkpointer(workdir)
+    checkpointer.save(2, states[writer], {})
+    restored = checkpointer.restore(2, exps[reader].abstract_state(),
+                                    exps[reader].other_layouts())[0]
+    checkpointer.close()
+    expected = states[writer] if writer == reader else (
+        to_scan if reader == 'scan' else to_unrolled)(states[writer])
+    jax.tree.map(np.testing.assert_array_equal,
+                 checkpointing.to_host(restored),
+                 checkpointing.to_host(expected))
