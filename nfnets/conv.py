@@ -313,15 +313,7 @@ def conv_cpu_gradients(x: jax.Array, weight: jax.Array,
   raises). Args and result as `im2col_conv2d` (ungrouped).
   """
   strides, pads = _validate(x.shape, weight.shape, stride, padding, 1)
-  # Inside shard_map, a replicated weight meets per-device x: autodiff would
-  # psum its gradient over the mesh (the transpose of the implicit pvary);
-  # a custom VJP must be given the weight already varying like x for that.
-  x_axes, weight_axes = _varying_axes(x), _varying_axes(weight)
-  if x_axes - weight_axes:
-    weight = jax.lax.pcast(weight, tuple(sorted(x_axes - weight_axes)),
-                           to='varying')
-  if weight_axes - x_axes:
-    x = jax.lax.pcast(x, tuple(sorted(weight_axes - x_axes)), to='varying')
+  x, weight = match_varying(x, weight)
   return _conv_cpu_gradients(x, weight, strides,
                              tuple(tuple(p) for p in pads))
 
@@ -330,6 +322,22 @@ def _varying_axes(value: jax.Array) -> frozenset:
   """Mesh axes (inside shard_map) along which value differs per device."""
   manual_axis_type = getattr(jax.typeof(value), 'manual_axis_type', None)
   return frozenset(getattr(manual_axis_type, 'varying', ()))
+
+
+def match_varying(*values: jax.Array) -> tuple[jax.Array, ...]:
+  """The values, each cast to vary over every mesh axis any of them varies
+  over (inside shard_map; unchanged outside).
+
+  Call it on the inputs of a custom VJP: where a replicated parameter meets
+  per-device activations, autodiff psums the parameter's gradient over the
+  mesh (the transpose of the implicit pvary), and a custom VJP needs the
+  parameter already varying for that.
+  """
+  axes = [_varying_axes(v) for v in values]
+  union = frozenset().union(*axes)
+  return tuple(
+      jax.lax.pcast(v, tuple(sorted(union - a)), to='varying')
+      if union - a else v for v, a in zip(values, axes))
 
 
 def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,

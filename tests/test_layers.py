@@ -1,5 +1,6 @@
 """Scaled WS convolution, activation gains and stochastic depth."""
 
+import functools
 import math
 
 import haiku as hk
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from nfnets import activations
+from nfnets import conv
 from nfnets import layers
 
 
@@ -45,6 +47,100 @@ def test_eps_floors_fan_in_variance_instead_of_adding():
   # A constant kernel stays finite (zero) instead of dividing by zero.
   w_hat = layers.standardize_weight(jnp.ones((1, 1, 3, 2)), jnp.ones(2), 1e-4)
   assert np.all(np.isfinite(w_hat)) and np.all(w_hat == 0)
+
+
+# max |error| / max |reference| of the float32 CPU forms against float64
+# autodiff of the direct form; float32 rounding gives a few 1e-7.
+RELATIVE_TOLERANCE = 1e-5
+
+
+def _relative_error(value, reference) -> float:
+  value, reference = np.asarray(value, np.float64), np.asarray(reference)
+  return float(np.max(np.abs(value - reference)) / np.max(np.abs(reference)))
+
+
+def _primitives(jaxpr) -> set:
+  """Names of every primitive in a jaxpr, sub-jaxprs included."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      names |= _primitives(sub)
+  return names
+
+
+# (kernel shape, eps, weight offset): 1x1, 3x3, a stem-like 7x7, grouped
+# fan-in; eps 1e9 floors every channel; offset 3 gives a large mean.
+WS_CASES = [((1, 1, 32, 64), 1e-4, 0.0), ((3, 3, 16, 8), 1e-4, 3.0),
+            ((7, 7, 3, 16), 1e-4, 0.0), ((3, 3, 2, 6), 1e-4, 0.0),
+            ((3, 3, 4, 5), 1e9, 0.0)]
+
+
+@pytest.mark.parametrize('shape,eps,offset', WS_CASES)
+def test_cpu_standardize_weight_matches_float64_autodiff(shape, eps, offset):
+  assert layers.cpu_reductions_as_dots()
+  rng = np.random.default_rng(sum(shape))
+  weight = offset + rng.standard_normal(shape)
+  gain = 1 + 0.5 * rng.standard_normal(shape[-1])
+  cotangent = rng.standard_normal(shape)
+
+  def value_and_grads(fn, *args):
+    out, vjp = jax.vjp(lambda w, g: fn(w, g, eps), *args[:2])
+    return (out, *vjp(args[2]))
+
+  with jax.enable_x64(True):
+    reference = jax.jit(functools.partial(
+        value_and_grads, layers.standardize_weight_reference))(
+            *(jnp.asarray(a, jnp.float64) for a in (weight, gain, cotangent)))
+    reference = [np.asarray(r) for r in reference]
+  args32 = [jnp.asarray(a, jnp.float32) for a in (weight, gain, cotangent)]
+  got = jax.jit(functools.partial(value_and_grads, layers.standardize_weight))(
+      *args32)
+  for name, value, want in zip(('value', 'grad w', 'grad gain'), got,
+                               reference):
+    assert value.shape == want.shape and value.dtype == jnp.float32, name
+    assert _relative_error(value, want) < RELATIVE_TOLERANCE, name
+  # Every sum is a matmul: no reduction left for XLA:CPU's slow forms.
+  jaxpr = jax.make_jaxpr(functools.partial(
+      value_and_grads, layers.standardize_weight))(*args32)
+  assert 'dot_general' in _primitives(jaxpr.jaxpr)
+  assert not {'reduce_sum', 'reduce_max'} & _primitives(jaxpr.jaxpr)
+
+
+def test_cpu_add_bias_matches_float64_autodiff():
+  rng = np.random.default_rng(0)
+  x, bias = rng.standard_normal((3, 5, 4, 7)), rng.standard_normal(7)
+  cotangent = rng.standard_normal(x.shape)
+
+  def value_and_grads(fn, x, bias, cotangent):
+    out, vjp = jax.vjp(fn, x, bias)
+    return (out, *vjp(cotangent))
+
+  with jax.enable_x64(True):
+    reference = [np.asarray(r) for r in value_and_grads(
+        lambda x, b: x + b,
+        *(jnp.asarray(a, jnp.float64) for a in (x, bias, cotangent)))]
+  got = value_and_grads(layers.add_bias, *(jnp.asarray(a, jnp.float32)
+                                           for a in (x, bias, cotangent)))
+  for value, want in zip(got, reference):
+    assert value.shape == want.shape and value.dtype == jnp.float32
+    assert _relative_error(value, want) < RELATIVE_TOLERANCE
+
+
+def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
+  monkeypatch.setenv(conv.IMPL_ENV_VAR, 'plain')
+  conv.configured_impl.cache_clear()
+  try:
+    assert not layers.cpu_reductions_as_dots()
+    weight, gain = jnp.ones((3, 3, 4, 5)), jnp.ones(5)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda w, g: jnp.sum(
+        layers.standardize_weight(w, g, 1e-4)), (0, 1)))(weight, gain)
+    assert 'dot_general' not in _primitives(jaxpr.jaxpr)
+  finally:
+    monkeypatch.delenv(conv.IMPL_ENV_VAR)
+    conv.configured_impl.cache_clear()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not layers.cpu_reductions_as_dots()
 
 
 def test_ws_conv_preserves_mean_zero_and_variance_at_init():
