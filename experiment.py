@@ -575,8 +575,10 @@ def _train(config, workdir, allow_config_change, log) -> dict:
         check_finite()
         checkpointer.save(step, state, data_state, config_dict)
   finally:
-    if isinstance(iterator, data.Prefetcher):
-      iterator.close()
+    # Prefetcher's thread, or grain's worker processes and shared memory.
+    close_iterator = getattr(iterator, 'close', None)
+    if close_iterator is not None:
+      close_iterator()
     checkpointer.close()
     writer.close()
   log(f'Done: {total} steps, {_format_duration(progress.train_seconds)} of '

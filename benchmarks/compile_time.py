@@ -3,8 +3,11 @@
 For each variant, builds the real experiment (jitted shard_map train step,
 SGD + Nesterov) with model.block_loop 'unrolled' and 'scan' in turn and
 times: the init (trace + compile + run), the ahead-of-time compilation of
-the train step, and the median step over --steps steps on one fake batch.
-The persistent compilation cache is off, so every compile is real.
+the train step, and the median step over --steps steps on one fake batch
+(after one untimed step).
+The loops' steps are timed alternately (the order flipping every round),
+so a busy machine slows both alike. The persistent compilation cache is
+off, so every compile is real.
 
   python benchmarks/compile_time.py --variants=ResNet50,ResNet288,ResNet600 \
       --batch=8 --image_size=64 --steps=3
@@ -34,7 +37,8 @@ _LOOPS = flags.DEFINE_list('loops', ['unrolled', 'scan'],
 _MODEL = flags.DEFINE_string('model', 'nf_resnet', f'One of {resnet.MODELS}.')
 _BATCH = flags.DEFINE_integer('batch', 8, 'Global batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 64, 'Image size, px.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (after one untimed).')
+_STEPS = flags.DEFINE_integer('steps', 3,
+                             'Timed steps per loop (after one untimed).')
 
 
 def _config(variant: str, loop: str):
@@ -63,8 +67,8 @@ def _check_flags(num_devices: int) -> None:
       raise errors.UserError(str(e)) from None
 
 
-def measure(variant: str, loop: str) -> dict:
-  """Seconds of init, train-step compilation and one train step (median)."""
+def _prepare(variant: str, loop: str) -> dict:
+  """Seconds of init and train-step compilation, and a ready-to-run step."""
   config = _config(variant, loop)
   exp = experiment.Experiment(config)
   start = time.perf_counter()
@@ -79,17 +83,35 @@ def measure(variant: str, loop: str) -> dict:
   batch = exp.shard_batch({
       'images': rng.integers(0, 256, (batch_size, size, size, 3), np.uint8),
       'labels': rng.integers(0, 1000, (batch_size,), np.int32)})
-  state, accumulator, done = step_fn(state, batch, accumulator)
-  done.block_until_ready()
-  step_seconds = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    state, accumulator, done = step_fn(state, batch, accumulator)
+  run = dict(state=state, accumulator=accumulator, steps=[])
+
+  def step():
+    run['state'], run['accumulator'], done = step_fn(
+        run['state'], batch, run['accumulator'])
     done.block_until_ready()
-    step_seconds.append(time.perf_counter() - start)
-  loss = float(jax.device_get(accumulator)['sums']['loss']) / (_STEPS.value + 1)
-  return dict(init=init_seconds, compile=compile_seconds,
-              step=statistics.median(step_seconds), loss=loss)
+
+  step()  # untimed
+  return dict(init=init_seconds, compile=compile_seconds, step=step, run=run)
+
+
+def measure(variant: str) -> dict:
+  """{loop: {init, compile, step (median seconds), loss}}; the loops' steps
+  are timed alternately, the order flipping every round."""
+  prepared = {loop: _prepare(variant, loop) for loop in _LOOPS.value}
+  order = list(_LOOPS.value)
+  for _ in range(_STEPS.value):
+    for loop in order:
+      start = time.perf_counter()
+      prepared[loop]['step']()
+      prepared[loop]['run']['steps'].append(time.perf_counter() - start)
+    order.reverse()
+  results = {}
+  for loop, entry in prepared.items():
+    sums = jax.device_get(entry['run']['accumulator'])['sums']
+    results[loop] = dict(init=entry['init'], compile=entry['compile'],
+                         step=statistics.median(entry['run']['steps']),
+                         loss=float(sums['loss']) / (_STEPS.value + 1))
+  return results
 
 
 def main(argv):
@@ -104,8 +126,7 @@ def main(argv):
         '| step s | loss |\n|---|---|---|---|---|---|---|', flush=True)
   for variant in _VARIANTS.value:
     blocks = sum(resnet.VARIANTS[variant])
-    for loop in _LOOPS.value:
-      result = measure(variant, loop)
+    for loop, result in measure(variant).items():
       print(f'| {variant} | {blocks} | {loop} | {result["init"]:.1f} | '
             f'{result["compile"]:.1f} | {result["step"]:.2f} | '
             f'{result["loss"]:.4f} |', flush=True)
