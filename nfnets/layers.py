@@ -29,8 +29,13 @@ def cpu_reductions_as_dots() -> bool:
 
 
 def _column_sums(matrix: jax.Array) -> jax.Array:
-  """[K, C] -> [1, C], the sums over K as one [1, K] x [K, C] matmul."""
-  return jnp.ones((1, matrix.shape[0]), matrix.dtype) @ matrix
+  """[K, C] -> [1, C] in matrix.dtype, the sums over K as one [1, K] x
+  [K, C] matmul, accumulated in at least float32 (bfloat16 bias gradients
+  sum thousands of terms)."""
+  accumulate = jnp.promote_types(matrix.dtype, jnp.float32)
+  sums = jax.lax.dot(jnp.ones((1, matrix.shape[0]), matrix.dtype), matrix,
+                     preferred_element_type=accumulate)
+  return sums.astype(matrix.dtype)
 
 
 def standardize_weight_reference(weight: jax.Array, gain: jax.Array,

@@ -127,6 +127,17 @@ def test_cpu_add_bias_matches_float64_autodiff():
     assert _relative_error(value, want) < RELATIVE_TOLERANCE
 
 
+def test_cpu_add_bias_gradient_of_bfloat16_accumulates_in_float32():
+  # 4096 terms: a bfloat16 running sum would lose most of them.
+  out_grad = jnp.full((4096, 3), 0.01, jnp.bfloat16)
+  _, vjp = jax.vjp(layers.add_bias, jnp.zeros_like(out_grad),
+                   jnp.zeros(3, jnp.bfloat16))
+  bias_grad = vjp(out_grad)[1]
+  assert bias_grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bias_grad, np.float32),
+                             4096 * float(jnp.bfloat16(0.01)), rtol=1e-2)
+
+
 def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
   monkeypatch.setenv(conv.IMPL_ENV_VAR, 'plain')
   conv.configured_impl.cache_clear()
