@@ -251,7 +251,8 @@ def measure(label: str, model_config, image_size: int, batch_size: int,
     init = model.init
   init_images = jnp.zeros((2, _INIT_IMAGE_SIZE, _INIT_IMAGE_SIZE, 3))
   params, state = init(init_rng, init_images, True)
-  stats = statistics(params, state, images)
+  # Dispatch is asynchronous: wait, so that `seconds` includes the compute.
+  stats = jax.block_until_ready(statistics(params, state, images))
   return from_stats(label, plan, stats, model_config.get('alpha'),
                     seconds=time.time() - start)
 
@@ -311,7 +312,7 @@ def measure_function(label: str, forward: Callable[[jax.Array], Mapping],
   if stage_depths is None:
     plan = plan_from_depths([num_blocks])
   params, state = init(init_rng, init_images)
-  stats, _ = apply(params, state, apply_rng, images)
+  stats, _ = jax.block_until_ready(apply(params, state, apply_rng, images))
   return from_stats(label, plan, stats, seconds=time.time() - start)
 
 
