@@ -23,32 +23,38 @@ def cpu_reductions_as_dots() -> bool:
   (its tree-reduction pass) or a slow column reduction: in an NF-ResNet-50
   train step at 64 px those sums (weight standardization forward and
   backward, bias gradients) took about a third of the step, against a few
-  ms as matmuls with a row of ones.
+  ms as matmuls with a row of ones (weight standardization, fan-in rows)
+  or `channel_sums` (bias gradients).
   """
   return conv.configured_impl() == 'auto' and jax.default_backend() == 'cpu'
 
 
 def channel_sums(x: jax.Array) -> jax.Array:
-  """x [..., W, C] -> [C], the sums over every axis but the last, in x.dtype.
+  """x [..., W, C] -> [C], the sums over every axis but the last, in x.dtype
+  (accumulated in at least float32).
 
-  For batch and signal statistics over N, H, W. Summed as rows
-  [N*H, W*C] over axis 0, then [W, C] over W: XLA:CPU reduces
-  [N*H*W, C] over its long axis 2-3x slower, and a matmul with a row of
-  ones (as `_column_sums`) accumulates sequentially, 30-100x less
-  accurately at 10^5 rows (1.6e-5 against 1.6e-7 relative), which a
+  For batch and signal statistics over N, H, W, and bias gradients. Summed
+  as rows [N*H, W*C] over axis 0, then [W, C] over W. XLA:CPU reduces
+  [N*H*W, C] over its long axis 2-3x slower. A matmul with a row of ones
+  (as `_column_sums`) is as fast but accumulates sequentially: 100x less
+  accurate at 10^5 rows (1.6e-5 against 1.6e-7 relative), which a
   BatchNorm gradient amplifies.
   """
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
   if x.ndim < 3:
-    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
-  width, channels = x.shape[-2:]
-  rows = x.reshape(-1, width * channels)
-  return jnp.sum(rows, axis=0).reshape(width, channels).sum(axis=0)
+    sums = jnp.sum(x, axis=tuple(range(x.ndim - 1)), dtype=accumulate)
+  else:
+    width, channels = x.shape[-2:]
+    rows = x.reshape(-1, width * channels)
+    sums = jnp.sum(rows, axis=0, dtype=accumulate).reshape(
+        width, channels).sum(axis=0)
+  return sums.astype(x.dtype)
 
 
 def _column_sums(matrix: jax.Array) -> jax.Array:
   """[K, C] -> [1, C] in matrix.dtype, the sums over K as one [1, K] x
-  [K, C] matmul, accumulated in at least float32 (bfloat16 bias gradients
-  sum thousands of terms)."""
+  [K, C] matmul, accumulated in at least float32. For fan-in sums (K up to
+  a few thousand: ~2e-6 relative, sequential accumulation)."""
   accumulate = jnp.promote_types(matrix.dtype, jnp.float32)
   sums = jax.lax.dot(jnp.ones((1, matrix.shape[0]), matrix.dtype), matrix,
                      preferred_element_type=accumulate)
@@ -134,7 +140,7 @@ def standardize_weight(weight: jax.Array, gain: jax.Array,
 
 
 @jax.custom_vjp
-def _add_bias_column_sum_grad(x, bias):
+def _add_bias_channel_sums_grad(x, bias):
   return x + bias
 
 
@@ -143,22 +149,20 @@ def _add_bias_fwd(x, bias):
 
 
 def _add_bias_bwd(_, out_grad):
-  channels = out_grad.shape[-1]
-  return out_grad, _column_sums(out_grad.reshape(-1, channels)).reshape(
-      channels)
+  return out_grad, channel_sums(out_grad)
 
 
-_add_bias_column_sum_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias_channel_sums_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
   """x [..., C] + bias [C]. On CPU (`cpu_reductions_as_dots`) the bias
-  gradient, the sum of the output gradient over every other axis, is one
-  matmul (custom VJP); elsewhere plain autodiff."""
+  gradient, the sum of the output gradient over every other axis, is
+  `channel_sums` (custom VJP); elsewhere plain autodiff."""
   if not cpu_reductions_as_dots():
     return x + bias
   x, bias = conv.match_varying(x, bias)
-  return _add_bias_column_sum_grad(x, bias)
+  return _add_bias_channel_sums_grad(x, bias)
 
 
 class WSConv2D(hk.Module):
