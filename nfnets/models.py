@@ -9,12 +9,12 @@ Each family module (nfnets.resnet, nfnets.regnet) provides, for its model names:
   check_image_size(config, height, width=None)
   block_plan(config) -> list of BlockSpec-like records (index, stage,
       is_transition, is_stage_end, expected_std) for signal statistics.
-and, where parameters have two stored layouts (nfnets.resnet's block_loop):
-  scan_layer_names(config), convert_to_block_loop(tree, config, block_loop)
+and, where parameters have more than one stored layout (nfnets.resnet's
+block_loop):
+  other_layouts(config) -> [(to_other, back)], functions on trees
 experiment.py, spp.py and counting.py go through this module only.
 """
 
-import functools
 from typing import Callable
 
 from nfnets import regnet
@@ -56,13 +56,6 @@ def other_layouts(config) -> list[tuple[Callable, Callable]]:
   """The other layouts a checkpoint of config's network may be stored in:
   [(to_other, back)], functions on any tree holding its Haiku dicts (a
   ResNet with scanned blocks stores them stacked, see nfnets/stacking.py).
-  Empty when there is only one."""
-  module = family(config)
-  if (not hasattr(module, 'convert_to_block_loop')
-      or not module.scan_layer_names(config)):
-    return []
-  own = 'scan' if config.block_loop == 'scan' else 'unrolled'
-  other = 'unrolled' if own == 'scan' else 'scan'
-  convert = module.convert_to_block_loop
-  return [(functools.partial(convert, config=config, block_loop=other),
-           functools.partial(convert, config=config, block_loop=own))]
+  Empty for families with one layout."""
+  layouts = getattr(family(config), 'other_layouts', None)
+  return layouts(config) if layouts else []

@@ -1,9 +1,10 @@
 """Optimizer and loss of the training recipe, all from optax.
 
 SGD with Nesterov momentum, weight decay masked off gains, biases and
-scalars (per layer for stacked parameters), linear warmup then cosine decay to optim.end_learning_rate,
+scalars, linear warmup then cosine decay to optim.end_learning_rate,
 learning rate scaled by batch / 256, optional adaptive gradient clipping
-(classifier excluded).
+(classifier excluded); masks and clipping work per layer on stacked
+parameters (nfnets/stacking.py).
 """
 
 import jax

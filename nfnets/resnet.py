@@ -18,6 +18,7 @@ conv on transition blocks fed the pre-activated input) and the head
 """
 
 import dataclasses
+import functools
 import math
 
 import haiku as hk
@@ -190,6 +191,20 @@ def convert_to_block_loop(tree, config, block_loop: str):
   if block_loop == 'scan':
     return stacking.stack_modules(tree, groups)
   return stacking.unstack_modules(tree, groups)
+
+
+def other_layouts(config) -> list:
+  """[(to_other, back)]: the conversions between the layout config's
+  block_loop stores and the other one (for models.other_layouts); empty
+  when no blocks would be scanned."""
+  if not scan_layer_names(config):
+    return []
+  own, other = ('scan', 'unrolled') if uses_scan(config) else (
+      'unrolled', 'scan')
+  return [(functools.partial(convert_to_block_loop, config=config,
+                             block_loop=other),
+           functools.partial(convert_to_block_loop, config=config,
+                             block_loop=own))]
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:

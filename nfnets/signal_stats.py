@@ -26,11 +26,10 @@ def channel_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   channels of the squared mean and of the variance. Float32 scalars.
   """
   x = x.astype(jnp.float32)
-  count = x.size // x.shape[-1]
-  mean = layers.channel_sums(x) / count
+  mean = layers.channel_means(x)
   # Two passes (not E[x^2] - E[x]^2), so a large mean does not cancel.
   centered = x - mean
-  var = layers.channel_sums(centered * centered) / count
+  var = layers.channel_means(centered * centered)
   return jnp.mean(mean**2), jnp.mean(var)
 
 

@@ -78,7 +78,7 @@ WS_CASES = [((1, 1, 32, 64), 1e-4, 0.0), ((3, 3, 16, 8), 1e-4, 3.0),
 
 @pytest.mark.parametrize('shape,eps,offset', WS_CASES)
 def test_cpu_standardize_weight_matches_float64_autodiff(shape, eps, offset):
-  assert layers.cpu_reductions_as_dots()
+  assert layers.cpu_reduction_forms()
   rng = np.random.default_rng(sum(shape))
   weight = offset + rng.standard_normal(shape)
   gain = 1 + 0.5 * rng.standard_normal(shape[-1])
@@ -185,7 +185,7 @@ def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
   monkeypatch.setenv(conv.IMPL_ENV_VAR, 'plain')
   conv.configured_impl.cache_clear()
   try:
-    assert not layers.cpu_reductions_as_dots()
+    assert not layers.cpu_reduction_forms()
     weight, gain = jnp.ones((3, 3, 4, 5)), jnp.ones(5)
     jaxpr = jax.make_jaxpr(jax.grad(lambda w, g: jnp.sum(
         layers.standardize_weight(w, g, 1e-4)), (0, 1)))(weight, gain)
@@ -194,7 +194,7 @@ def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
     monkeypatch.delenv(conv.IMPL_ENV_VAR)
     conv.configured_impl.cache_clear()
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert not layers.cpu_reductions_as_dots()
+  assert not layers.cpu_reduction_forms()
 
 
 def test_ws_conv_preserves_mean_zero_and_variance_at_init():
