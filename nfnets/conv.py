@@ -13,12 +13,13 @@ rounding; tests/test_conv.py checks value and gradients against float64):
     channels and multiplied with the reshaped kernel in one matmul; autodiff
     gives the input gradient as a matmul plus pads and the weight gradient
     as one matmul.
-  * 'lax_matmul_weight_grad' (`conv_cpu_gradients`): 1x1 convolutions.
-    XLA already runs their forward and input gradient as dots, but their
-    weight gradient as a convolution, 1.5-3x slower than the equivalent
-    matmul x^T @ dy on maps of 28x28 and more. A custom VJP keeps XLA's
-    forward and input gradient and computes the weight gradient as that
-    matmul.
+  * 'lax_matmul_grads' (`conv_cpu_gradients`): 1x1 convolutions.
+    XLA runs their forward as a dot, but their weight gradient as a
+    convolution, 1.5-3x slower than the equivalent matmul x^T @ dy on maps
+    of 28x28 and more, and a strided one's input gradient as an
+    lhs-dilated convolution, 1.2x slower than dy @ W^T spread back by an
+    interior pad. A custom VJP keeps XLA's forward and computes both
+    gradients as those matmuls.
   * 'lax_canonical_grads' (`conv_cpu_gradients`): the other ungrouped
     convolutions. XLA's forward; both gradients as convolutions in the
     forward's NHWC/HWIO form with the transposes written out. Autodiff's
@@ -48,7 +49,7 @@ IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
 IMPLS = ('auto', 'plain')
 # What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
 # conv_cpu_gradients (two kinds of backward pass, by kernel size).
-IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_weight_grad',
+IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_grads',
                    'lax_canonical_grads')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
@@ -65,10 +66,10 @@ DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # 3x3 convs with larger maps are 2-9x slower as im2col (building the patches
 # dominates), and so is the 7x7 stem.
 MAX_IM2COL_OUTPUT_PIXELS = 4
-# 1x1 convs on CPU as 'lax_matmul_weight_grad'. Weight gradient alone, summed
+# 1x1 convs on CPU as 'lax_matmul_grads'. Weight gradient alone, summed
 # over the 1x1 convs of one NF-ResNet-50 train step (batch 32, best of 5-12
 # interleaved runs, same machine): 224 px 4.2 -> 2.4 s, 64 px 184 -> 156 ms.
-ONE_BY_ONE_MATMUL_WEIGHT_GRAD = True
+ONE_BY_ONE_MATMUL_GRADS = True
 # Other ungrouped convs on CPU (not im2col) as 'lax_canonical_grads': XLA's
 # forward, both gradients as convolutions in the forward's NHWC/HWIO form
 # (see _canonical_gradients): needed under lax.scan (scanned blocks), where
@@ -163,7 +164,7 @@ def choose_implementation(x_shape: Sequence[int],
   if (backend or jax.default_backend()) != 'cpu':
     return 'lax'
   if weight_shape[0] * weight_shape[1] == 1:
-    return 'lax_matmul_weight_grad' if ONE_BY_ONE_MATMUL_WEIGHT_GRAD else 'lax'
+    return 'lax_matmul_grads' if ONE_BY_ONE_MATMUL_GRADS else 'lax'
   out_h, out_w = (output_size(x_shape[1 + a], weight_shape[a], strides[a],
                               pads[a]) for a in range(2))
   if out_h * out_w <= MAX_IM2COL_OUTPUT_PIXELS:
@@ -178,29 +179,84 @@ def _lax_conv(x, weight, strides, pads, feature_group_count=1):
       feature_group_count=feature_group_count)
 
 
-def _patch_matrix(x: jax.Array, kernel_hw: tuple[int, int],
-                  strides: tuple[int, int], pads) -> jax.Array:
-  """[N * H' * W', kh * kw * C_in]: row (n, y, x) holds the input window of
-  output pixel (n, y, x), ordered like an HWIO kernel reshaped to 2D."""
+def strided_windows(x: jax.Array, kernel_hw: tuple[int, int],
+                    strides: tuple[int, int], pads,
+                    pad_value: float = 0.0) -> list[jax.Array]:
+  """The kh * kw shifted windows of x padded with pad_value, in row-major
+  kernel order: window (i, j) is [N, H', W', C] and holds, at output pixel
+  (n, y, x), the padded input at (n, y * stride_h + i, x * stride_w + j)."""
   kernel_h, kernel_w = kernel_hw
   stride_h, stride_w = strides
-  batch, height, width, in_channels = x.shape
+  batch, height, width, channels = x.shape
   out_h = output_size(height, kernel_h, stride_h, pads[0])
   out_w = output_size(width, kernel_w, stride_w, pads[1])
   if any(p != 0 for pair in pads for p in pair):
     # lax.pad (unlike jnp.pad) also takes negative (cropping) pads.
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+    x = jax.lax.pad(x, jnp.asarray(pad_value, x.dtype),
                     [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-  windows = [
+  return [
       jax.lax.slice(x, (0, i, j, 0),
                     (batch, i + (out_h - 1) * stride_h + 1,
-                     j + (out_w - 1) * stride_w + 1, in_channels),
+                     j + (out_w - 1) * stride_w + 1, channels),
                     (1, stride_h, stride_w, 1))
       for i in range(kernel_h) for j in range(kernel_w)]
+
+
+def strided_windows_transpose(window_values: Sequence[jax.Array],
+                              x_shape: Sequence[int],
+                              kernel_hw: tuple[int, int],
+                              strides: tuple[int, int], pads) -> jax.Array:
+  """The transpose of `strided_windows`: [N, H, W, C] in which each pixel
+  sums the values, over all windows, at the output pixels it fed.
+
+  window_values: kh * kw arrays [N, H', W', C] in `strided_windows` order.
+  Built per stride phase (padded pixels with the same remainders mod the
+  stride), where window (i, j) is a plain shift: about 5x faster on
+  XLA:CPU than autodiff's transpose (one interior pad of the whole padded
+  input per window, then their sum).
+  """
+  kernel_h, kernel_w = kernel_hw
+  batch, height, width, channels = x_shape
+  out_h, out_w = window_values[0].shape[1:3]
+  padded = (height + pads[0][0] + pads[0][1], width + pads[1][0] + pads[1][1])
+  # Phase grids: padded pixel p = y * stride + i is point y + i // stride
+  # of phase i % stride.
+  grid = [-(-padded[a] // strides[a]) for a in range(2)]
+  zeros = jnp.zeros((batch, *grid, channels), window_values[0].dtype)
+  phases = {}
+  for index, values in enumerate(window_values):
+    i, j = divmod(index, kernel_w)
+    (phase_h, shift_h), (phase_w, shift_w) = (divmod(i, strides[0])[::-1],
+                                              divmod(j, strides[1])[::-1])
+    shifted = jax.lax.pad(values, jnp.zeros((), values.dtype), [
+        (0, 0, 0), (shift_h, grid[0] - out_h - shift_h, 0),
+        (shift_w, grid[1] - out_w - shift_w, 0), (0, 0, 0)])
+    key = (phase_h, phase_w)
+    phases[key] = shifted if key not in phases else phases[key] + shifted
+  assert kernel_h * kernel_w == len(window_values)
+  rows = [jnp.stack([phases.get((a, b), zeros) for b in range(strides[1])],
+                    axis=3) for a in range(strides[0])]
+  interleaved = jnp.stack(rows, axis=2).reshape(
+      batch, grid[0] * strides[0], grid[1] * strides[1], channels)
+  # Back to x's extent (a negative pad crops; a negative forward pad, which
+  # dropped input pixels, becomes zeros).
+  return jax.lax.pad(
+      interleaved, jnp.zeros((), interleaved.dtype),
+      [(0, 0, 0), (-pads[0][0], padded[0] - grid[0] * strides[0]
+                   - pads[0][1], 0),
+       (-pads[1][0], padded[1] - grid[1] * strides[1] - pads[1][1], 0),
+       (0, 0, 0)])
+
+
+def _patch_matrix(x: jax.Array, kernel_hw: tuple[int, int],
+                  strides: tuple[int, int], pads) -> jax.Array:
+  """[N * H' * W', kh * kw * C_in]: row (n, y, x) holds the input window of
+  output pixel (n, y, x), ordered like an HWIO kernel reshaped to 2D."""
+  windows = strided_windows(x, kernel_hw, strides, pads)
+  batch, out_h, out_w, _ = windows[0].shape
   # Channel index (i * kw + j) * C_in + c matches the HWIO kernel reshaped.
   patches = windows[0] if len(windows) == 1 else jnp.concatenate(windows, -1)
-  return patches.reshape(batch * out_h * out_w,
-                         kernel_h * kernel_w * in_channels)
+  return patches.reshape(batch * out_h * out_w, -1)
 
 
 def im2col_conv2d(x: jax.Array, weight: jax.Array,
@@ -288,11 +344,15 @@ def _conv_cpu_gradients_bwd(strides, pads, residuals, out_grad):
   x, weight = residuals
   if weight.shape[0] * weight.shape[1] != 1:
     return _canonical_gradients(x, weight, strides, pads, out_grad)
-  _, input_vjp = jax.vjp(lambda x: _lax_conv(x, weight, strides, pads), x)
-  (x_grad,) = input_vjp(out_grad)
-  patches = _patch_matrix(x, weight.shape[:2], strides, pads)
-  weight_grad = jnp.matmul(patches.T,
-                           out_grad.reshape(patches.shape[0], -1))
+  # A 1x1 conv is patches @ W: both gradients are matmuls, the input's
+  # spread back by the transpose of the patch extraction (for a stride, an
+  # interior pad: cheaper than XLA's lhs-dilated convolution).
+  patches, patches_vjp = jax.vjp(
+      lambda x: _patch_matrix(x, weight.shape[:2], strides, pads), x)
+  out_grad = out_grad.reshape(patches.shape[0], -1)
+  kernel = weight.reshape(patches.shape[1], -1)
+  (x_grad,) = patches_vjp(jnp.matmul(out_grad, kernel.T))
+  weight_grad = jnp.matmul(patches.T, out_grad)
   return x_grad, weight_grad.reshape(weight.shape)
 
 
@@ -304,10 +364,11 @@ def conv_cpu_gradients(x: jax.Array, weight: jax.Array,
                        padding: Padding = 'SAME') -> jax.Array:
   """`lax.conv_general_dilated` with a backward pass XLA:CPU runs fast.
 
-  The forward pass is XLA's. 1x1 kernels ('lax_matmul_weight_grad'): the
-  input gradient is XLA's too (it lowers it to a dot), the weight gradient
-  is one matmul, patch_matrix(x)^T @ out_grad, instead of XLA:CPU's
-  weight-gradient convolution, 1.5-3x slower on large maps. Larger kernels
+  The forward pass is XLA's. 1x1 kernels ('lax_matmul_grads'): the
+  weight gradient is one matmul, patch_matrix(x)^T @ out_grad, instead of
+  XLA:CPU's weight-gradient convolution, 1.5-3x slower on large maps; the
+  input gradient is out_grad @ W^T through the transpose of the patch
+  extraction (an interior pad when strided). Larger kernels
   ('lax_canonical_grads'): both gradients as canonical convolutions
   (_canonical_gradients). A custom VJP: reverse mode only (jax.jvp of it
   raises). Args and result as `im2col_conv2d` (ungrouped).
@@ -362,6 +423,6 @@ def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
                                          feature_group_count)
   if implementation == 'im2col':
     return im2col_conv2d(x, weight, strides, pads)
-  if implementation in ('lax_matmul_weight_grad', 'lax_canonical_grads'):
+  if implementation in ('lax_matmul_grads', 'lax_canonical_grads'):
     return conv_cpu_gradients(x, weight, strides, pads)
   return _lax_conv(x, weight, strides, pads, feature_group_count)

@@ -1,4 +1,5 @@
-"""Layers shared by every model: convolutions, squeeze-excite, stochastic depth."""
+"""Layers shared by every model: convolutions, max pooling, squeeze-excite,
+stochastic depth."""
 
 import functools
 from typing import Sequence
@@ -169,6 +170,60 @@ def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
     return x + bias
   x, bias = conv.match_varying(x, bias)
   return _add_bias_channel_sums_grad(x, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_of_windows(x, window, strides, pads):
+  return functools.reduce(jnp.maximum, conv.strided_windows(
+      x, window, strides, pads, pad_value=-jnp.inf))
+
+
+def _max_of_windows_fwd(x, window, strides, pads):
+  out = _max_of_windows(x, window, strides, pads)
+  return out, (x, out)
+
+
+def _max_of_windows_bwd(window, strides, pads, residuals, out_grad):
+  x, out = residuals
+  windows = conv.strided_windows(x, window, strides, pads, pad_value=-jnp.inf)
+  taken = jnp.zeros(out.shape, bool)
+  window_grads = []
+  for values in windows:
+    # Each output's gradient goes to the first maximum in row-major window
+    # order, as XLA's select-and-scatter does.
+    chosen = (values == out) & ~taken
+    taken = taken | chosen
+    window_grads.append(jnp.where(chosen, out_grad, 0))
+  return (conv.strided_windows_transpose(window_grads, x.shape, window,
+                                         strides, pads),)
+
+
+_max_of_windows.defvjp(_max_of_windows_fwd, _max_of_windows_bwd)
+
+
+def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
+             stride: int | Sequence[int] = 2, padding: str = 'SAME'
+             ) -> jax.Array:
+  """Max pooling over H and W of x [N, H, W, C] -> [N, H', W', C].
+
+  Pads with -inf ('SAME' or 'VALID'). On CPU (`cpu_reduction_forms`) the
+  max of the kh * kw strided windows, with a custom VJP that routes each
+  output's gradient to the first maximum of its window (as XLA does) by
+  masks and `conv.strided_windows_transpose`. After the 64 px
+  NF-ResNet-50 stem ([32, 32, 32, 64]) that backward takes 1.8 ms against
+  34 ms for XLA:CPU's select-and-scatter of `hk.max_pool`. Elsewhere
+  `hk.max_pool`. Reverse mode only on CPU (jax.jvp of a custom VJP
+  raises).
+  """
+  window, strides = _pair(window), _pair(stride)
+  if padding not in ('SAME', 'VALID'):
+    raise ValueError(f"max_pool padding must be 'SAME' or 'VALID', got "
+                     f'{padding!r}.')
+  if not cpu_reduction_forms():
+    return hk.max_pool(x, (1, *window, 1), (1, *strides, 1), padding)
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  return _max_of_windows(x, window, strides,
+                         tuple(tuple(int(p) for p in pair) for pair in pads))
 
 
 class WSConv2D(hk.Module):

@@ -429,8 +429,7 @@ class ResNet(hk.Module):
     config = self.config
     x = self.network.conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
                           name='stem_conv', in_block=False)(images)
-    x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
-                    padding='SAME')
+    x = layers.max_pool(x, window=3, stride=2, padding='SAME')
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)

@@ -62,7 +62,7 @@ def _relative_error(value, reference) -> float:
   return float(np.max(np.abs(value - reference)) / np.max(np.abs(reference)))
 
 
-# conv_cpu_gradients is 'lax_matmul_weight_grad' for 1x1 kernels and
+# conv_cpu_gradients is 'lax_matmul_grads' for 1x1 kernels and
 # 'lax_canonical_grads' for larger ones.
 REWRITES = {'im2col': conv.im2col_conv2d,
             'conv_cpu_gradients': conv.conv_cpu_gradients}
@@ -171,15 +171,35 @@ DISPATCH = [
     ((32, 4, 4, 256), (3, 3, 256, 256), 1, 'lax_canonical_grads'),  # 4x4 out
     ((32, 7, 7, 512), (3, 3, 512, 512), 1, 'lax_canonical_grads'),  # 224 px
     ((32, 64, 64, 3), (7, 7, 3, 64), 2, 'lax_canonical_grads'),     # stem
-    ((32, 2, 2, 512), (1, 1, 512, 2048), 1, 'lax_matmul_weight_grad'),
-    ((32, 56, 56, 256), (1, 1, 256, 512), 2, 'lax_matmul_weight_grad'),
+    ((32, 2, 2, 512), (1, 1, 512, 2048), 1, 'lax_matmul_grads'),
+    ((32, 56, 56, 256), (1, 1, 256, 512), 2, 'lax_matmul_grads'),
 ]
 # _conv_counts per implementation: (forward convs, input-gradient convs,
 # weight-gradient convs).
 # ('lax_canonical_grads' has one weight-gradient conv too, but its output is
 # [C_in, kh, kw, C_out], transposed after.)
+@pytest.mark.parametrize('x_shape,kernel,strides,pads', [
+    ((2, 8, 8, 3), (3, 3), (2, 2), ((0, 1), (0, 1))),
+    ((2, 9, 7, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 7, 6, 2), (3, 2), (1, 2), ((1, 1), (0, 1))),
+    ((1, 9, 9, 2), (2, 2), (3, 3), ((0, 0), (0, 0))),   # stride > kernel
+    ((1, 8, 8, 2), (3, 3), (2, 2), ((-1, 0), (2, -1))),  # cropping pads
+    ((2, 6, 5, 4), (1, 1), (2, 2), ((0, 0), (0, 0)))])
+def test_strided_windows_transpose_is_the_adjoint(x_shape, kernel, strides,
+                                                  pads):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  windows, vjp = jax.vjp(
+      lambda x: conv.strided_windows(x, kernel, strides, pads), x)
+  cotangents = [jnp.asarray(rng.standard_normal(w.shape), jnp.float32)
+                for w in windows]
+  got = conv.strided_windows_transpose(cotangents, x_shape, kernel, strides,
+                                       pads)
+  np.testing.assert_allclose(got, vjp(cotangents)[0], rtol=1e-6, atol=1e-6)
+
+
 CONV_COUNTS = {'lax': (1, 1, 1), 'im2col': (0, 0, 0),
-               'lax_matmul_weight_grad': (1, 1, 0),
+               'lax_matmul_grads': (1, 0, 0),
                'lax_canonical_grads': (1, 1, 0)}
 
 
@@ -277,11 +297,11 @@ def test_train_step_auto_matches_plain(conv_impl):
   # per block and four shortcuts), the two other 3x3 convs and the stem are
   # custom-VJP convs. Each of the 17 WS convs adds two more custom VJPs
   # under auto (nfnets.layers: standardization and bias with their sums as
-  # matmuls); plain rules those out too.
+  # matmuls), and the stem's max-pool one; plain rules those out too.
   assert plain_counts['custom_vjps'] == 0
   assert plain_counts['convs_1x1'] == 12
   assert auto_counts == dict(plain_counts, convs=plain_counts['convs'] - 2,
-                             custom_vjps=15 + 2 * plain_counts['convs'])
+                             custom_vjps=15 + 2 * plain_counts['convs'] + 1)
   assert plain_losses[0] != plain_losses[1]  # the step changed the params
   # float32 sums in another order: the loss agrees to float32 rounding, and
   # two SGD steps amplify the difference in params only slightly.

@@ -181,6 +181,48 @@ def test_channel_sums_are_accurate_over_many_rows():
   assert np.max(np.abs(got - want) / np.abs(want)) < 1e-6
 
 
+MAX_POOL_CASES = [((2, 9, 9, 3), 3, 2, 'SAME'), ((2, 8, 8, 3), 3, 2, 'SAME'),
+                  ((1, 7, 6, 2), 3, 1, 'SAME'), ((1, 7, 6, 2), 2, 2, 'VALID'),
+                  ((2, 10, 9, 4), (3, 2), (2, 1), 'SAME')]
+
+
+def _hk_max_pool(window, stride, padding):
+  window, stride = layers._pair(window), layers._pair(stride)
+  return lambda x: hk.max_pool(x, (1, *window, 1), (1, *stride, 1), padding)
+
+
+@pytest.mark.parametrize('shape,window,stride,padding', MAX_POOL_CASES)
+def test_cpu_max_pool_matches_haiku_value_and_gradient(shape, window, stride,
+                                                       padding):
+  assert layers.cpu_reduction_forms()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  out, vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)
+  want, want_vjp = jax.vjp(_hk_max_pool(window, stride, padding), x)
+  cotangent = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  np.testing.assert_array_equal(out, want)
+  # Sums of at most kh * kw cotangents per input pixel, in another order.
+  np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0],
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_max_pool_gives_ties_gradient_to_the_first_maximum():
+  """Many equal values (small integers): every output's gradient goes to
+  the first maximum of its window in row-major order, as XLA's does, so the
+  gradient sums to the cotangent's sum and equals haiku's exactly."""
+  x = jnp.asarray(np.random.default_rng(1).integers(0, 3, (2, 8, 8, 3)),
+                  jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(layers.max_pool(x, 3, 2)))(x)
+  want = jax.grad(lambda x: jnp.sum(_hk_max_pool(3, 2, 'SAME')(x)))(x)
+  np.testing.assert_array_equal(grad, want)
+  assert float(grad.sum()) == 2 * 4 * 4 * 3
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(layers.max_pool(x))))(x)
+  assert 'select_and_scatter_add' not in _primitives(jaxpr.jaxpr)
+  with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'.*"
+                     "'FULL'"):
+    layers.max_pool(x, 3, 2, 'FULL')
+
+
 def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
   monkeypatch.setenv(conv.IMPL_ENV_VAR, 'plain')
   conv.configured_impl.cache_clear()
@@ -190,6 +232,9 @@ def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
     jaxpr = jax.make_jaxpr(jax.grad(lambda w, g: jnp.sum(
         layers.standardize_weight(w, g, 1e-4)), (0, 1)))(weight, gain)
     assert 'dot_general' not in _primitives(jaxpr.jaxpr)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(layers.max_pool(x))))(
+        jnp.ones((1, 4, 4, 2)))
+    assert not any('custom_vjp' in name for name in _primitives(jaxpr.jaxpr))
   finally:
     monkeypatch.delenv(conv.IMPL_ENV_VAR)
     conv.configured_impl.cache_clear()
