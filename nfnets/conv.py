@@ -27,6 +27,14 @@ rounding; tests/test_conv.py checks value and gradients against float64):
     on XLA:CPU only once its layout pass has made it canonical, which it
     does not inside a loop body: under lax.scan (model.block_loop='scan')
     a 3x3 weight gradient ran 30x slower.
+  * 'lax_grouped_matmul_weight_grad' (`grouped_conv_cpu_gradients`):
+    grouped convolutions (NF-RegNets' 3x3 convs, group width 8). XLA:CPU
+    runs their weight gradient (a convolution with batch_group_count)
+    20-100x slower than the forward; NF-RegNet-B0 trained at 3.5 images/s
+    at 64 px. A custom VJP keeps XLA's forward and input gradient (both
+    fast) and computes the weight gradient as one batched matmul over the
+    groups: patches [M, kh * kw, G, C_in / G] with out_grad [M, G, C_out /
+    G], contracting the M = N * H' * W' output pixels.
   * 'lax': everything else (`lax.conv_general_dilated`), and every
     convolution on other backends.
 
@@ -35,7 +43,7 @@ Which implementation runs:
     `lax.conv_general_dilated`, on every backend.
   * `NFNETS_CONV_IMPL=auto` (the default): `choose_implementation`, which
     takes 'lax' unless the default backend (`jax.default_backend()` when the
-    convolution is traced) is CPU and the convolution is ungrouped.
+    convolution is traced) is CPU.
 """
 
 import functools
@@ -50,7 +58,7 @@ IMPLS = ('auto', 'plain')
 # What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
 # conv_cpu_gradients (two kinds of backward pass, by kernel size).
 IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_grads',
-                   'lax_canonical_grads')
+                   'lax_canonical_grads', 'lax_grouped_matmul_weight_grad')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 # On CPU, a conv with a kernel larger than 1x1 runs as im2col when its output
@@ -159,10 +167,12 @@ def choose_implementation(x_shape: Sequence[int],
   """
   strides, pads = _validate(x_shape, weight_shape, stride, padding,
                             feature_group_count)
-  if configured_impl() == 'plain' or feature_group_count != 1:
+  if configured_impl() == 'plain':
     return 'lax'
   if (backend or jax.default_backend()) != 'cpu':
     return 'lax'
+  if feature_group_count != 1:
+    return 'lax_grouped_matmul_weight_grad'
   if weight_shape[0] * weight_shape[1] == 1:
     return 'lax_matmul_grads' if ONE_BY_ONE_MATMUL_GRADS else 'lax'
   out_h, out_w = (output_size(x_shape[1 + a], weight_shape[a], strides[a],
@@ -379,6 +389,53 @@ def conv_cpu_gradients(x: jax.Array, weight: jax.Array,
                              tuple(tuple(p) for p in pads))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv_cpu_gradients(x, weight, strides, pads, groups):
+  return _lax_conv(x, weight, strides, pads, groups)
+
+
+def _grouped_conv_cpu_gradients_fwd(x, weight, strides, pads, groups):
+  return _lax_conv(x, weight, strides, pads, groups), (x, weight)
+
+
+def _grouped_conv_cpu_gradients_bwd(strides, pads, groups, residuals,
+                                    out_grad):
+  x, weight = residuals
+  kernel_h, kernel_w, group_in, out_channels = weight.shape
+  _, input_vjp = jax.vjp(
+      lambda x: _lax_conv(x, weight, strides, pads, groups), x)
+  (x_grad,) = input_vjp(out_grad)
+  # dW[i, j, c, g * C_out/G + o] = sum over output pixels m of
+  # window_(i, j)[m, g * C_in/G + c] * dy[m, g * C_out/G + o].
+  windows = strided_windows(x, (kernel_h, kernel_w), strides, pads)
+  patches = jnp.stack(windows, axis=3).reshape(
+      -1, kernel_h * kernel_w, groups, group_in)
+  out_grad = out_grad.reshape(patches.shape[0], groups, -1)
+  weight_grad = jnp.einsum('mkgc,mgo->kcgo', patches, out_grad)
+  return x_grad, weight_grad.reshape(weight.shape)
+
+
+_grouped_conv_cpu_gradients.defvjp(_grouped_conv_cpu_gradients_fwd,
+                                   _grouped_conv_cpu_gradients_bwd)
+
+
+def grouped_conv_cpu_gradients(x: jax.Array, weight: jax.Array,
+                               stride: int | Sequence[int] = 1,
+                               padding: Padding = 'SAME',
+                               feature_group_count: int = 1) -> jax.Array:
+  """`lax.conv_general_dilated` with feature_group_count, and a weight
+  gradient XLA:CPU runs fast: one matmul batched over the groups (module
+  docstring). Forward and input gradient are XLA's. A custom VJP: reverse
+  mode only. Args and result as `conv2d`.
+  """
+  strides, pads = _validate(x.shape, weight.shape, stride, padding,
+                            feature_group_count)
+  x, weight = match_varying(x, weight)
+  return _grouped_conv_cpu_gradients(x, weight, strides,
+                                     tuple(tuple(p) for p in pads),
+                                     feature_group_count)
+
+
 def _varying_axes(value: jax.Array) -> frozenset:
   """Mesh axes (inside shard_map) along which value differs per device."""
   manual_axis_type = getattr(jax.typeof(value), 'manual_axis_type', None)
@@ -425,4 +482,7 @@ def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
     return im2col_conv2d(x, weight, strides, pads)
   if implementation in ('lax_matmul_grads', 'lax_canonical_grads'):
     return conv_cpu_gradients(x, weight, strides, pads)
+  if implementation == 'lax_grouped_matmul_weight_grad':
+    return grouped_conv_cpu_gradients(x, weight, strides, pads,
+                                      feature_group_count)
   return _lax_conv(x, weight, strides, pads, feature_group_count)

@@ -1,5 +1,6 @@
-"""nfnets/conv.py: its CPU rewrites (im2col + matmul; lax conv with a matmul
-weight gradient) equal lax.conv_general_dilated (value and gradients, against
+"""nfnets/conv.py: its CPU rewrites (im2col + matmul; lax conv with matmul
+or canonical gradients; grouped lax conv with a batched-matmul weight
+gradient) equal lax.conv_general_dilated (value and gradients, against
 a float64 reference), auto takes each exactly where it says, and a full train
 step gives the same loss and parameters as the plain path."""
 
@@ -97,6 +98,70 @@ def test_rewrites_match_float64_conv_value_and_gradients(case):
       assert got.shape == want.shape and got.dtype == jnp.float32, (impl,
                                                                     name)
       assert _relative_error(got, want) < RELATIVE_TOLERANCE, (impl, name)
+
+
+# (x shape, kernel (kh, kw), C_out, stride, padding, feature_group_count).
+GROUPED_CASES = [
+    ((2, 8, 8, 16), (3, 3), 16, 1, 'SAME', 2),      # group width 8
+    ((2, 9, 9, 16), (3, 3), 16, 2, 'SAME', 2),      # odd map, stride 2
+    ((2, 4, 4, 24), (3, 3), 48, 1, 'SAME', 3),      # C_out / G != C_in / G
+    ((2, 6, 5, 8), (3, 3), 8, (2, 1), [(0, 2), (1, 0)], 8),  # depthwise
+    ((2, 5, 5, 16), (1, 1), 16, 2, 'VALID', 4),     # 1x1, stride 2
+    ((2, 2, 2, 32), (3, 3), 32, 1, 'SAME', 4),      # 2x2 map
+]
+
+
+@pytest.mark.parametrize('case', GROUPED_CASES,
+                         ids=lambda c: _case_id(c[:5]) + f'-g{c[5]}')
+def test_grouped_rewrite_matches_float64_conv_value_and_gradients(case):
+  x_shape, kernel, out_channels, stride, padding, groups = case
+  rng = np.random.default_rng(sum(x_shape) + groups)
+  x = rng.standard_normal(x_shape)
+  w = rng.standard_normal((*kernel, x_shape[-1] // groups, out_channels))
+  strides = (stride, stride) if isinstance(stride, int) else stride
+
+  def reference_conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=conv.DIMENSION_NUMBERS,
+        feature_group_count=groups)
+
+  cotangent = rng.standard_normal(jax.eval_shape(reference_conv, x, w).shape)
+  with jax.enable_x64(True):
+    reference = [np.asarray(r) for r in _value_and_grads(
+        reference_conv, *(jnp.asarray(a, jnp.float64)
+                          for a in (x, w, cotangent)))]
+  got = jax.jit(lambda x, w, c: _value_and_grads(
+      lambda x, w: conv.grouped_conv_cpu_gradients(x, w, stride, padding,
+                                                   groups), x, w, c))(
+                                                       *(jnp.asarray(
+                                                           a, jnp.float32)
+                                                         for a in (x, w,
+                                                                   cotangent)))
+  for name, value, want in zip(('value', 'grad x', 'grad w'), got, reference):
+    assert value.shape == want.shape and value.dtype == jnp.float32, name
+    assert _relative_error(value, want) < RELATIVE_TOLERANCE, name
+
+
+def test_grouped_convs_on_cpu_get_a_matmul_weight_gradient(conv_impl):
+  """auto: no weight-gradient convolution (XLA:CPU's batch_group_count
+  conv, 20-100x slower than the forward); plain: XLA's own."""
+  x = jax.ShapeDtypeStruct((4, 8, 8, 32), jnp.float32)
+  w = jax.ShapeDtypeStruct((3, 3, 8, 32), jnp.float32)
+
+  def weight_gradient_convs():
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda w, x: jnp.sum(conv.conv2d(x, w, 1, 'SAME', 4))))(w, x)
+    return sum(1 for eqn in jaxpr.jaxpr.eqns
+               if eqn.primitive.name == 'conv_general_dilated'
+               and eqn.params['batch_group_count'] > 1)
+
+  conv_impl('auto')
+  assert (conv.choose_implementation(x.shape, w.shape, 1, 'SAME', 4)
+          == 'lax_grouped_matmul_weight_grad')
+  assert weight_gradient_convs() == 0
+  conv_impl('plain')
+  assert conv.choose_implementation(x.shape, w.shape, 1, 'SAME', 4) == 'lax'
+  assert weight_gradient_convs() == 1
 
 
 def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
@@ -217,16 +282,17 @@ def test_auto_takes_the_implementation_it_says(conv_impl, x_shape, w_shape,
   assert _conv_counts(x_shape, w_shape, stride) == CONV_COUNTS['lax']
 
 
-def test_other_backends_and_groups_keep_the_plain_conv(conv_impl):
+def test_other_backends_keep_the_plain_conv(conv_impl):
   conv_impl('auto')
   for x_shape, w_shape in (((32, 2, 2, 512), (3, 3, 512, 512)),
                            ((32, 8, 8, 512), (1, 1, 512, 128))):
     assert conv.choose_implementation(x_shape, w_shape, backend='cpu') != 'lax'
     assert conv.choose_implementation(x_shape, w_shape, backend='gpu') == 'lax'
     assert conv.choose_implementation(x_shape, w_shape, backend='tpu') == 'lax'
-  assert conv.choose_implementation((32, 2, 2, 512), (3, 3, 64, 512), 1,
-                                    feature_group_count=8,
-                                    backend='cpu') == 'lax'
+  for backend in ('gpu', 'tpu'):
+    assert conv.choose_implementation((32, 2, 2, 512), (3, 3, 64, 512), 1,
+                                      feature_group_count=8,
+                                      backend=backend) == 'lax'
 
 
 def test_bad_arguments_raise_clear_errors(conv_impl):
