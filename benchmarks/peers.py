@@ -53,6 +53,10 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds; the table '
                                'shows medians over rounds.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed measurement '
                               '(after one untimed warm-up step per case).')
+_SETTLE = flags.DEFINE_float(
+    'settle_seconds', 5.0, 'Pause before each timed measurement, so that '
+    'the other side\'s worker threads (torch\'s OpenMP threads spin after '
+    'each parallel region) are idle when the clock starts.')
 _PEER_PYTHON = flags.DEFINE_string(
     'peer_python', os.path.join(_ROOT, '.venv-peers', 'bin', 'python'),
     'Python of the peer environment (benchmarks/setup_peers.sh makes it).')
@@ -204,7 +208,7 @@ def table(rates: dict, cases, batch: int, model_name: str,
 
 
 def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
-        timm_model) -> str:
+        timm_model, settle_seconds=5.0) -> str:
   """Times every (mode, size) case; returns the header and markdown table."""
   threads = len(os.sched_getaffinity(0))
   peer = Peer(peer_python, timm_model, batch, threads,
@@ -225,6 +229,7 @@ def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
         order = order[::-1]
       for mode, size in cases:
         for who, model in order:
+          time.sleep(settle_seconds)
           seconds = getattr(model, mode)(size, steps)
           rates.setdefault((mode, size, who), []).append(
               batch * steps / seconds)
@@ -239,7 +244,8 @@ def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
       f'CPUs; jax {jax.__version__}, XLA_FLAGS='
       f'{os.environ.get("XLA_FLAGS", "")!r}; torch {peer.info["torch"]} '
       f'({peer.info["threads"]} threads), timm {peer.info["timm"]}; medians '
-      f'of {rounds} alternating rounds of {steps} steps')
+      f'of {rounds} alternating rounds of {steps} steps, '
+      f'{settle_seconds:g} s pause before each')
   return header + '\n\n' + table(rates, cases, batch, title, timm_model)
 
 
@@ -253,12 +259,15 @@ def main(argv):
     sizes = [int(s) for s in _SIZES.value]
     validate(config, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
              _STEPS.value, _PEER_PYTHON.value)
+    if _SETTLE.value < 0:
+      raise ValueError(f'--settle_seconds={_SETTLE.value:g}: must be >= 0.')
   except ValueError as e:
     print(f'peers.py: {e}', file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_CODE)
   title = {'nf_resnet50': 'NF-ResNet-50'}.get(_CONFIG.value, _CONFIG.value)
   print(run(config, title, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
-            _STEPS.value, _PEER_PYTHON.value, _TIMM_MODEL.value))
+            _STEPS.value, _PEER_PYTHON.value, _TIMM_MODEL.value,
+            _SETTLE.value))
 
 
 if __name__ == '__main__':
