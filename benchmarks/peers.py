@@ -73,7 +73,7 @@ def _load_config(name: str):
 
 
 def validate(config, sizes, modes, batch: int, rounds: int, steps: int,
-             peer_python: str) -> None:
+             peer_python: str, settle_seconds: float = 0.0) -> None:
   """Every check that needs no compute; ValueError naming the bad value."""
   unknown = sorted(set(modes) - set(MODES))
   if unknown or not modes:
@@ -81,6 +81,8 @@ def validate(config, sizes, modes, batch: int, rounds: int, steps: int,
   for name, value in (('batch', batch), ('rounds', rounds), ('steps', steps)):
     if value < 1:
       raise ValueError(f'--{name} must be >= 1, got {value}.')
+  if settle_seconds < 0:
+    raise ValueError(f'--settle_seconds must be >= 0, got {settle_seconds:g}.')
   if batch % jax.device_count():
     raise ValueError(f'--batch {batch} is not divisible by the '
                      f'{jax.device_count()} devices; use a multiple of '
@@ -208,7 +210,7 @@ def table(rates: dict, cases, batch: int, model_name: str,
 
 
 def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
-        timm_model, settle_seconds=5.0) -> str:
+        timm_model, settle_seconds) -> str:
   """Times every (mode, size) case; returns the header and markdown table."""
   threads = len(os.sched_getaffinity(0))
   peer = Peer(peer_python, timm_model, batch, threads,
@@ -258,9 +260,7 @@ def main(argv):
                        'numbers of pixels, e.g. 64,224.')
     sizes = [int(s) for s in _SIZES.value]
     validate(config, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
-             _STEPS.value, _PEER_PYTHON.value)
-    if _SETTLE.value < 0:
-      raise ValueError(f'--settle_seconds={_SETTLE.value:g}: must be >= 0.')
+             _STEPS.value, _PEER_PYTHON.value, _SETTLE.value)
   except ValueError as e:
     print(f'peers.py: {e}', file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_CODE)

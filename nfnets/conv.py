@@ -30,11 +30,13 @@ rounding; tests/test_conv.py checks value and gradients against float64):
   * 'lax_grouped_matmul_weight_grad' (`grouped_conv_cpu_gradients`):
     grouped convolutions (NF-RegNets' 3x3 convs, group width 8). XLA:CPU
     runs their weight gradient (a convolution with batch_group_count)
-    20-100x slower than the forward; NF-RegNet-B0 trained at 3.5 images/s
-    at 64 px. A custom VJP keeps XLA's forward and input gradient (both
-    fast) and computes the weight gradient as one batched matmul over the
-    groups: patches [M, kh * kw, G, C_in / G] with out_grad [M, G, C_out /
-    G], contracting the M = N * H' * W' output pixels.
+    20-100x slower than the forward; NF-RegNet-B0 trained at 3.5-3.8
+    images/s at 64 px (84 now). A custom VJP keeps XLA's forward and input
+    gradient (both fast) and computes the weight gradient as one batched
+    matmul over the groups: patches [M, kh * kw, G, C_in / G] with
+    out_grad [M, G, C_out / G], contracting the M = N * H' * W' output
+    pixels. The patches take kh * kw / stride^2 times the input's memory
+    (about 0.7 GB for NF-RegNet-B0's largest at 224 px, batch 32).
   * 'lax': everything else (`lax.conv_general_dilated`), and every
     convolution on other backends.
 
@@ -56,7 +58,8 @@ import jax.numpy as jnp
 IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
 IMPLS = ('auto', 'plain')
 # What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
-# conv_cpu_gradients (two kinds of backward pass, by kernel size).
+# conv_cpu_gradients (two kinds of backward pass, by kernel size);
+# grouped_conv_cpu_gradients.
 IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_grads',
                    'lax_canonical_grads', 'lax_grouped_matmul_weight_grad')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -77,6 +80,8 @@ MAX_IM2COL_OUTPUT_PIXELS = 4
 # 1x1 convs on CPU as 'lax_matmul_grads'. Weight gradient alone, summed
 # over the 1x1 convs of one NF-ResNet-50 train step (batch 32, best of 5-12
 # interleaved runs, same machine): 224 px 4.2 -> 2.4 s, 64 px 184 -> 156 ms.
+# Input gradient of a strided 1x1 (64 px shortcuts, median of 21): 4.9 ->
+# 3.8, 4.0 -> 3.4, 7.2 -> 6.0 ms; stride 1 is the same dot either way.
 ONE_BY_ONE_MATMUL_GRADS = True
 # Other ungrouped convs on CPU (not im2col) as 'lax_canonical_grads': XLA's
 # forward, both gradients as convolutions in the forward's NHWC/HWIO form
@@ -226,6 +231,9 @@ def strided_windows_transpose(window_values: Sequence[jax.Array],
   input per window, then their sum).
   """
   kernel_h, kernel_w = kernel_hw
+  if len(window_values) != kernel_h * kernel_w:
+    raise ValueError(f'{len(window_values)} windows for a {kernel_h}x'
+                     f'{kernel_w} kernel; expected {kernel_h * kernel_w}.')
   batch, height, width, channels = x_shape
   out_h, out_w = window_values[0].shape[1:3]
   padded = (height + pads[0][0] + pads[0][1], width + pads[1][0] + pads[1][1])
@@ -243,7 +251,6 @@ def strided_windows_transpose(window_values: Sequence[jax.Array],
         (shift_w, grid[1] - out_w - shift_w, 0), (0, 0, 0)])
     key = (phase_h, phase_w)
     phases[key] = shifted if key not in phases else phases[key] + shifted
-  assert kernel_h * kernel_w == len(window_values)
   rows = [jnp.stack([phases.get((a, b), zeros) for b in range(strides[1])],
                     axis=3) for a in range(strides[0])]
   interleaved = jnp.stack(rows, axis=2).reshape(

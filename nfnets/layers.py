@@ -16,7 +16,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 
 def cpu_reduction_forms() -> bool:
-  """Whether `standardize_weight` and `add_bias` take their CPU forms.
+  """Whether `standardize_weight`, `add_bias` and `max_pool` take their
+  CPU forms.
 
   True on CPU (`jax.default_backend()` when traced) unless
   NFNETS_CONV_IMPL=plain (nfnets.conv), which rules every rewrite out.
@@ -206,19 +207,33 @@ def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
              ) -> jax.Array:
   """Max pooling over H and W of x [N, H, W, C] -> [N, H', W', C].
 
-  Pads with -inf ('SAME' or 'VALID'). On CPU (`cpu_reduction_forms`) the
+  Pads with -inf ('SAME' or 'VALID'); x must be floating point. On CPU
+  (`cpu_reduction_forms`) the
   max of the kh * kw strided windows, with a custom VJP that routes each
   output's gradient to the first maximum of its window (as XLA does) by
   masks and `conv.strided_windows_transpose`. After the 64 px
   NF-ResNet-50 stem ([32, 32, 32, 64]) that backward takes 1.8 ms against
   34 ms for XLA:CPU's select-and-scatter of `hk.max_pool`. Elsewhere
   `hk.max_pool`. Reverse mode only on CPU (jax.jvp of a custom VJP
-  raises).
+  raises). A window holding NaN passes no gradient on CPU (no element
+  equals its NaN maximum); XLA's passes it to one element. The loss is NaN
+  by then either way.
   """
   window, strides = _pair(window), _pair(stride)
   if padding not in ('SAME', 'VALID'):
     raise ValueError(f"max_pool padding must be 'SAME' or 'VALID', got "
                      f'{padding!r}.')
+  for name, pair in (('window', window), ('stride', strides)):
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+      raise ValueError(f'max_pool {name} must be a positive int or a pair '
+                       f'of them (H, W), got {pair!r}.')
+  if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f'max_pool expects floating-point x [N, H, W, C], got '
+                     f'{x.dtype} {tuple(x.shape)}.')
+  if padding == 'VALID' and (x.shape[1] < window[0]
+                             or x.shape[2] < window[1]):
+    raise ValueError(f'max_pool window {window} is larger than the '
+                     f'{x.shape[1]}x{x.shape[2]} input with VALID padding.')
   if not cpu_reduction_forms():
     return hk.max_pool(x, (1, *window, 1), (1, *strides, 1), padding)
   pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)

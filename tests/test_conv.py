@@ -4,6 +4,8 @@ gradient) equal lax.conv_general_dilated (value and gradients, against
 a float64 reference), auto takes each exactly where it says, and a full train
 step gives the same loss and parameters as the plain path."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,8 @@ GROUPED_CASES = [
     ((2, 6, 5, 8), (3, 3), 8, (2, 1), [(0, 2), (1, 0)], 8),  # depthwise
     ((2, 5, 5, 16), (1, 1), 16, 2, 'VALID', 4),     # 1x1, stride 2
     ((2, 2, 2, 32), (3, 3), 32, 1, 'SAME', 4),      # 2x2 map
+    ((2, 9, 8, 8), (2, 2), 8, 3, [(-1, 0), (1, -1)], 2),  # stride > kernel,
+                                                          # cropping pads
 ]
 
 
@@ -130,13 +134,11 @@ def test_grouped_rewrite_matches_float64_conv_value_and_gradients(case):
     reference = [np.asarray(r) for r in _value_and_grads(
         reference_conv, *(jnp.asarray(a, jnp.float64)
                           for a in (x, w, cotangent)))]
-  got = jax.jit(lambda x, w, c: _value_and_grads(
-      lambda x, w: conv.grouped_conv_cpu_gradients(x, w, stride, padding,
-                                                   groups), x, w, c))(
-                                                       *(jnp.asarray(
-                                                           a, jnp.float32)
-                                                         for a in (x, w,
-                                                                   cotangent)))
+  def rewrite(x, w):
+    return conv.grouped_conv_cpu_gradients(x, w, stride, padding, groups)
+
+  args32 = [jnp.asarray(a, jnp.float32) for a in (x, w, cotangent)]
+  got = jax.jit(functools.partial(_value_and_grads, rewrite))(*args32)
   for name, value, want in zip(('value', 'grad x', 'grad w'), got, reference):
     assert value.shape == want.shape and value.dtype == jnp.float32, name
     assert _relative_error(value, want) < RELATIVE_TOLERANCE, name
@@ -239,10 +241,6 @@ DISPATCH = [
     ((32, 2, 2, 512), (1, 1, 512, 2048), 1, 'lax_matmul_grads'),
     ((32, 56, 56, 256), (1, 1, 256, 512), 2, 'lax_matmul_grads'),
 ]
-# _conv_counts per implementation: (forward convs, input-gradient convs,
-# weight-gradient convs).
-# ('lax_canonical_grads' has one weight-gradient conv too, but its output is
-# [C_in, kh, kw, C_out], transposed after.)
 @pytest.mark.parametrize('x_shape,kernel,strides,pads', [
     ((2, 8, 8, 3), (3, 3), (2, 2), ((0, 1), (0, 1))),
     ((2, 9, 7, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),
@@ -263,6 +261,10 @@ def test_strided_windows_transpose_is_the_adjoint(x_shape, kernel, strides,
   np.testing.assert_allclose(got, vjp(cotangents)[0], rtol=1e-6, atol=1e-6)
 
 
+# _conv_counts per implementation: (forward convs, input-gradient convs,
+# weight-gradient convs).
+# ('lax_canonical_grads' has one weight-gradient conv too, but its output is
+# [C_in, kh, kw, C_out], transposed after.)
 CONV_COUNTS = {'lax': (1, 1, 1), 'im2col': (0, 0, 0),
                'lax_matmul_grads': (1, 0, 0),
                'lax_canonical_grads': (1, 1, 0)}

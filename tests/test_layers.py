@@ -218,9 +218,21 @@ def test_cpu_max_pool_gives_ties_gradient_to_the_first_maximum():
   assert float(grad.sum()) == 2 * 4 * 4 * 3
   jaxpr = jax.make_jaxpr(jax.grad(lambda x: jnp.sum(layers.max_pool(x))))(x)
   assert 'select_and_scatter_add' not in _primitives(jaxpr.jaxpr)
+
+
+def test_max_pool_rejects_bad_input():
+  x = jnp.zeros((2, 8, 8, 3))
   with pytest.raises(ValueError, match="padding must be 'SAME' or 'VALID'.*"
                      "'FULL'"):
     layers.max_pool(x, 3, 2, 'FULL')
+  with pytest.raises(ValueError, match=r'window must be.*\(0, 0\)'):
+    layers.max_pool(x, 0, 2)
+  with pytest.raises(ValueError, match=r'stride must be.*\(1, 1, 1, 1\)'):
+    layers.max_pool(x, 3, (1, 1, 1, 1))
+  with pytest.raises(ValueError, match=r'floating-point.*int32 \(2, 8, 8\)'):
+    layers.max_pool(jnp.zeros((2, 8, 8), jnp.int32))
+  with pytest.raises(ValueError, match=r'window \(9, 9\) is larger.*8x8'):
+    layers.max_pool(x, 9, 1, 'VALID')
 
 
 def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
