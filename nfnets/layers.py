@@ -219,14 +219,11 @@ def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
   equals its NaN maximum); XLA's passes it to one element. The loss is NaN
   by then either way.
   """
-  window, strides = _pair(window), _pair(stride)
+  window = conv.positive_pair(window, 'max_pool window')
+  strides = conv.positive_pair(stride, 'max_pool stride')
   if padding not in ('SAME', 'VALID'):
     raise ValueError(f"max_pool padding must be 'SAME' or 'VALID', got "
                      f'{padding!r}.')
-  for name, pair in (('window', window), ('stride', strides)):
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-      raise ValueError(f'max_pool {name} must be a positive int or a pair '
-                       f'of them (H, W), got {pair!r}.')
   if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'max_pool expects floating-point x [N, H, W, C], got '
                      f'{x.dtype} {tuple(x.shape)}.')
