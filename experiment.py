@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from nfnets import checkpointing
 from nfnets import counting
+from nfnets import cpu_runtime
 from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
@@ -147,6 +148,7 @@ class Experiment:
     self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
+    self._compiled_batch_shapes = set()
     # The same parameters without dropout / stochastic depth and with local
     # BatchNorm statistics, for deterministic signal statistics.
     probe_config = copy.deepcopy(config.model)
@@ -266,7 +268,23 @@ class Experiment:
   def train_step(self, state: dict, local_batch: dict):
     """One optimizer step on a process-local batch; donates state."""
     with jax.set_mesh(self.mesh):
-      return self._train_step(state, self.shard_batch(local_batch))
+      batch = self.shard_batch(local_batch)
+      shapes = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
+      if shapes not in self._compiled_batch_shapes:
+        # Compiled here rather than on the call (which then finds it in
+        # jit's cache) to see its memory use.
+        self._compiled_batch_shapes.add(shapes)
+        self._keep_host_memory_for(self._train_step.lower(state, batch))
+      return self._train_step(state, batch)
+
+  def _keep_host_memory_for(self, lowered):
+    """Compiles a lowered train step; on CPU, lets glibc keep the memory it
+    frees when its temporaries are small (nfnets/cpu_runtime.py)."""
+    compiled = lowered.compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None and jax.default_backend() == 'cpu':
+      cpu_runtime.keep_freed_memory_for(analysis.temp_size_in_bytes)
+    return compiled
 
   def new_accumulator(self) -> dict:
     """Device-side sums of train metrics between log steps, and the first
@@ -304,8 +322,8 @@ class Experiment:
         'labels': jax.ShapeDtypeStruct((local * jax.process_count(),),
                                        jnp.int32, sharding=self.batch_sharding)}
     with jax.set_mesh(self.mesh):
-      return self._train_step_accumulate.lower(state, batch,
-                                               accumulator).compile()
+      return self._keep_host_memory_for(
+          self._train_step_accumulate.lower(state, batch, accumulator))
 
   def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
     """Yields (device batch, data state after it) from a host iterator,

@@ -1,0 +1,153 @@
+"""The process settings nfnets makes for XLA:CPU (nfnets/cpu_runtime.py)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import experiment
+from configs import quickstart
+from nfnets import cpu_runtime
+from nfnets import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Repeated calls of a program with a 64 MB temporary: page faults per call
+# with glibc's defaults, then with freed memory kept.
+FAULTS_SCRIPT = textwrap.dedent('''
+    import json, resource, statistics
+    import nfnets  # first, as a script would: it sets up malloc on import
+    import jax, jax.numpy as jnp
+    from nfnets import cpu_runtime
+
+    @jax.jit
+    def program(x):
+      y = jnp.sin(x)  # [4096, 4096]: a 64 MB temporary feeding the dot
+      return (y @ y[:8].T).sum()
+
+    x = jnp.ones((4096, 4096), jnp.float32)
+    compiled = program.lower(x).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+
+    def faults_per_call(calls=12):
+      """Median page faults per call. With kept memory a few calls still
+      fault in a whole temporary: the heap grows while a freed block cannot
+      be reused yet (fragmentation)."""
+      compiled(x).block_until_ready()
+      faults = []
+      for _ in range(calls):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        compiled(x).block_until_ready()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                      - before)
+      return statistics.median(faults)
+
+    default = faults_per_call()
+    kept = cpu_runtime.keep_freed_memory_for(temp_bytes)
+    print('RESULT' + json.dumps(dict(temp_bytes=temp_bytes, default=default,
+                                     kept=kept, with_kept=faults_per_call())))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='glibc malloc settings')
+def test_kept_memory_is_not_faulted_in_again_every_call():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop(cpu_runtime.HOST_MEMORY_ENV_VAR, None)
+  result = subprocess.run([sys.executable, '-c', FAULTS_SCRIPT], cwd=ROOT,
+                          env=env, text=True, capture_output=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
+  values = json.loads(line[len('RESULT'):])
+  temp_pages = values['temp_bytes'] / 4096
+  assert values['temp_bytes'] >= 64 << 20, values
+  # glibc mmaps the temporary afresh each call: every page faults in again.
+  assert values['default'] > 0.9 * temp_pages, values
+  assert values['kept'], values
+  assert values['with_kept'] < 0.05 * temp_pages, values
+
+
+@pytest.fixture
+def fresh_policy(monkeypatch):
+  """cpu_runtime's malloc state from scratch, mallopt calls recorded (not
+  made), glibc and a CPU-only JAX assumed."""
+  calls = []
+  monkeypatch.setattr(cpu_runtime, '_host_memory', {'state': 'default'})
+  monkeypatch.setattr(cpu_runtime, '_mallopt',
+                      lambda settings: calls.append(dict(settings)) or True)
+  monkeypatch.setattr(cpu_runtime.platform, 'system', lambda: 'Linux')
+  monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
+                      lambda: ('glibc', '2.36'))
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.delenv(cpu_runtime.HOST_MEMORY_ENV_VAR, raising=False)
+  return calls
+
+
+def test_small_steps_keep_memory_and_a_large_one_releases_it(fresh_policy):
+  calls = fresh_policy
+  small = 363 << 20  # NF-ResNet-50, 64 px, batch 32
+  assert cpu_runtime.keep_freed_memory_for(small)
+  assert calls == [{cpu_runtime._M_MMAP_MAX: 0,
+                    cpu_runtime._M_TRIM_THRESHOLD: 2**31 - 1}]
+  assert cpu_runtime.keep_freed_memory_for(small)
+  assert len(calls) == 1  # already kept
+  # 3.1 GB (224 px) is beyond what glibc can keep: defaults come back ...
+  assert not cpu_runtime.keep_freed_memory_for(3100 << 20)
+  assert calls[-1][cpu_runtime._M_MMAP_MAX] == cpu_runtime._DEFAULT_MMAP_MAX
+  assert calls[-1][cpu_runtime._M_TRIM_THRESHOLD] < 2**31 - 1
+  # ... and stay for the rest of the process.
+  assert not cpu_runtime.keep_freed_memory_for(small)
+  assert len(calls) == 2
+
+
+def test_large_first_step_changes_nothing(fresh_policy):
+  assert not cpu_runtime.keep_freed_memory_for(3100 << 20)
+  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert fresh_policy == []
+
+
+@pytest.mark.parametrize('setting', [
+    dict(env={'NFNETS_KEEP_HOST_MEMORY': '0'}),
+    dict(env={'JAX_PLATFORMS': 'cuda,cpu'}),
+    dict(libc=('musl', '')),
+])
+def test_nothing_changes_when_opted_out_or_not_applicable(
+    fresh_policy, monkeypatch, setting):
+  for name, value in setting.get('env', {}).items():
+    monkeypatch.setenv(name, value)
+  if 'libc' in setting:
+    monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
+                        lambda: setting['libc'])
+  assert not cpu_runtime.share_one_malloc_arena()
+  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert fresh_policy == []
+
+
+def test_bad_switch_value_names_variable_and_choices(fresh_policy,
+                                                     monkeypatch):
+  monkeypatch.setenv('NFNETS_KEEP_HOST_MEMORY', 'maybe')
+  with pytest.raises(ValueError,
+                     match=r"NFNETS_KEEP_HOST_MEMORY='maybe'.*1 .* or 0"):
+    cpu_runtime.keep_freed_memory_for(1 << 20)
+
+
+def test_train_step_reports_its_temporaries_once(monkeypatch):
+  temp_sizes = []
+  monkeypatch.setattr(cpu_runtime, 'keep_freed_memory_for',
+                      lambda temp_bytes: temp_sizes.append(temp_bytes))
+  config = quickstart.get_config()
+  config.model.width = 0.125
+  exp = experiment.Experiment(config)
+  state = exp.init_state()
+  iterator = data.train_iterator(config.data, config.train.batch_size, 0,
+                                 exp.train_source)
+  losses = []
+  for _ in range(2):
+    state, metrics = exp.train_step(state, next(iterator))
+    losses.append(float(metrics['loss']))
+  assert len(temp_sizes) == 1 and temp_sizes[0] > 0, temp_sizes
+  assert np.all(np.isfinite(losses))
