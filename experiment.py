@@ -148,7 +148,8 @@ class Experiment:
     self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
-    self._compiled_batch_shapes = set()
+    # Temporary bytes of each compiled train step, by batch shapes.
+    self._temp_bytes = {}
     # The same parameters without dropout / stochastic depth and with local
     # BatchNorm statistics, for deterministic signal statistics.
     probe_config = copy.deepcopy(config.model)
@@ -270,21 +271,22 @@ class Experiment:
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
       shapes = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
-      if shapes not in self._compiled_batch_shapes:
+      if shapes not in self._temp_bytes:
         # Compiled here rather than on the call (which then finds it in
         # jit's cache) to see its memory use.
-        self._compiled_batch_shapes.add(shapes)
-        self._keep_host_memory_for(self._train_step.lower(state, batch))
+        self._temp_bytes[shapes] = self._temp_bytes_on_cpu(
+            self._train_step.lower(state, batch).compile())
+      if self._temp_bytes[shapes] is not None:
+        cpu_runtime.keep_freed_memory_for(self._temp_bytes[shapes])
       return self._train_step(state, batch)
 
-  def _keep_host_memory_for(self, lowered):
-    """Compiles a lowered train step; on CPU, lets glibc keep the memory it
-    frees when its temporaries are small (nfnets/cpu_runtime.py)."""
-    compiled = lowered.compile()
+  @staticmethod
+  def _temp_bytes_on_cpu(compiled) -> int | None:
+    """A compiled step's temporary bytes on the CPU backend, else None."""
     analysis = compiled.memory_analysis()
-    if analysis is not None and jax.default_backend() == 'cpu':
-      cpu_runtime.keep_freed_memory_for(analysis.temp_size_in_bytes)
-    return compiled
+    if analysis is None or jax.default_backend() != 'cpu':
+      return None
+    return analysis.temp_size_in_bytes
 
   def new_accumulator(self) -> dict:
     """Device-side sums of train metrics between log steps, and the first
@@ -322,8 +324,13 @@ class Experiment:
         'labels': jax.ShapeDtypeStruct((local * jax.process_count(),),
                                        jnp.int32, sharding=self.batch_sharding)}
     with jax.set_mesh(self.mesh):
-      return self._keep_host_memory_for(
-          self._train_step_accumulate.lower(state, batch, accumulator))
+      compiled = self._train_step_accumulate.lower(state, batch,
+                                                   accumulator).compile()
+    # The loop runs this one train program: host memory set for it once.
+    temp_bytes = self._temp_bytes_on_cpu(compiled)
+    if temp_bytes is not None:
+      cpu_runtime.keep_freed_memory_for(temp_bytes)
+    return compiled
 
   def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
     """Yields (device batch, data state after it) from a host iterator,

@@ -15,8 +15,8 @@ import. Standard library only: XLA_FLAGS must be set before JAX starts.
    `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS yourself.
 
 2. glibc malloc settings that let a train step reuse its memory
-   (`share_one_malloc_arena` on import, `keep_freed_memory_for` when a
-   train step is compiled). XLA:CPU allocates each execution's
+   (`share_one_malloc_arena` on import, `keep_freed_memory_for` before
+   each train step). XLA:CPU allocates each execution's
    temporaries as one block with malloc: 363 MB for an NF-ResNet-50 train
    step at 64 px, batch 32. glibc serves a block that large with a fresh
    mmap and unmaps it when it is freed, so every step page-faults all of it
@@ -28,6 +28,7 @@ import. Standard library only: XLA_FLAGS must be set before JAX starts.
 """
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -52,17 +53,18 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-# What glibc's defaults come to in a process that has freed large blocks
-# (its dynamic mmap threshold stops at 32 MB, trimming at twice that). A
-# mallopt call fixes the thresholds, so putting the defaults back means
-# naming these.
+# For steps over the limit, what glibc's defaults come to in a process that
+# has freed large blocks (its dynamic mmap threshold stops at 32 MB,
+# trimming at twice that); a mallopt call fixes the thresholds, so putting
+# the defaults back means naming them. Keeping blocks under 32 MB with no
+# trimming instead was 15-23% slower at 224 px (two process pairs).
 _DEFAULT_MMAP_MAX = 65536
 _SETTLED_MMAP_THRESHOLD = 32 << 20
 _SETTLED_TRIM_THRESHOLD = 64 << 20
 
-# 'keeping' while freed memory is kept; 'released' once a step's
-# temporaries were too large (for the rest of the process).
-_host_memory = {'state': 'default'}
+# Whether glibc is set for small steps (True), large ones (False) or still
+# has its defaults (None).
+_host_memory = {'kept': None}
 
 
 def switched_on(env_var: str) -> bool:
@@ -130,7 +132,9 @@ def _jax_runs_only_on_cpu() -> bool:
   return importlib.util.find_spec('jax_plugins') is None
 
 
+@functools.cache
 def _malloc_settings_apply() -> bool:
+  """Linux, glibc, JAX on the CPU only and not opted out; read once."""
   return (switched_on(HOST_MEMORY_ENV_VAR) and platform.system() == 'Linux'
           and platform.libc_ver()[0] == 'glibc' and _jax_runs_only_on_cpu())
 
@@ -154,25 +158,27 @@ def share_one_malloc_arena() -> bool:
 
 
 def keep_freed_memory_for(temp_bytes: int) -> bool:
-  """Called with each compiled train step's temporary bytes (XLA's memory
-  analysis); True while freed memory is kept for reuse.
+  """Called before a compiled train step runs, with its temporary bytes
+  (XLA's memory analysis); True if freed memory is now kept for reuse.
 
-  The first step within KEEP_LIMIT_BYTES turns glibc's mmap and heap
-  trimming off, so later steps reuse the freed blocks instead of faulting
-  fresh pages in. A step above the limit puts glibc's defaults back for the
-  rest of the process (the heap would only be trimmed, and grow).
+  Within KEEP_LIMIT_BYTES, glibc's mmap and heap trimming are turned off,
+  so the step reuses blocks freed by earlier steps instead of faulting
+  fresh pages in. Above it, glibc's defaults are put back (the heap would
+  only be trimmed, and grow). A process can alternate small and large
+  steps (benchmarks/peers.py runs 64 and 224 px); only a change of the
+  setting calls into glibc.
   """
-  if _host_memory['state'] == 'released' or not _malloc_settings_apply():
+  if not _malloc_settings_apply():
     return False
-  if temp_bytes > KEEP_LIMIT_BYTES:
-    if _host_memory['state'] == 'keeping':
-      _mallopt({_M_MMAP_MAX: _DEFAULT_MMAP_MAX,
-                _M_MMAP_THRESHOLD: _SETTLED_MMAP_THRESHOLD,
-                _M_TRIM_THRESHOLD: _SETTLED_TRIM_THRESHOLD})
-    _host_memory['state'] = 'released'
-    return False
-  if _host_memory['state'] == 'default':
-    if not _mallopt({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}):
+  keep = temp_bytes <= KEEP_LIMIT_BYTES
+  if keep != _host_memory['kept']:
+    if keep:
+      settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+    else:
+      settings = {_M_MMAP_MAX: _DEFAULT_MMAP_MAX,
+                  _M_MMAP_THRESHOLD: _SETTLED_MMAP_THRESHOLD,
+                  _M_TRIM_THRESHOLD: _SETTLED_TRIM_THRESHOLD}
+    if not _mallopt(settings):
       return False
-    _host_memory['state'] = 'keeping'
-  return True
+    _host_memory['kept'] = keep
+  return keep

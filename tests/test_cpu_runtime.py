@@ -76,7 +76,7 @@ def fresh_policy(monkeypatch):
   """cpu_runtime's malloc state from scratch, mallopt calls recorded (not
   made), glibc and a CPU-only JAX assumed."""
   calls = []
-  monkeypatch.setattr(cpu_runtime, '_host_memory', {'state': 'default'})
+  monkeypatch.setattr(cpu_runtime, '_host_memory', {'kept': False})
   monkeypatch.setattr(cpu_runtime, '_mallopt',
                       lambda settings: calls.append(dict(settings)) or True)
   monkeypatch.setattr(cpu_runtime.platform, 'system', lambda: 'Linux')
@@ -84,29 +84,34 @@ def fresh_policy(monkeypatch):
                       lambda: ('glibc', '2.36'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.delenv(cpu_runtime.HOST_MEMORY_ENV_VAR, raising=False)
-  return calls
+  cpu_runtime._malloc_settings_apply.cache_clear()
+  yield calls
+  cpu_runtime._malloc_settings_apply.cache_clear()
 
 
-def test_small_steps_keep_memory_and_a_large_one_releases_it(fresh_policy):
+def test_small_steps_keep_memory_and_large_ones_get_the_defaults(
+    fresh_policy):
   calls = fresh_policy
-  small = 363 << 20  # NF-ResNet-50, 64 px, batch 32
+  small, large = 363 << 20, 3100 << 20  # NF-ResNet-50 at 64 and 224 px
+  keep = {cpu_runtime._M_MMAP_MAX: 0,
+          cpu_runtime._M_TRIM_THRESHOLD: 2**31 - 1}
   assert cpu_runtime.keep_freed_memory_for(small)
-  assert calls == [{cpu_runtime._M_MMAP_MAX: 0,
-                    cpu_runtime._M_TRIM_THRESHOLD: 2**31 - 1}]
+  assert calls == [keep]
   assert cpu_runtime.keep_freed_memory_for(small)
-  assert len(calls) == 1  # already kept
-  # 3.1 GB (224 px) is beyond what glibc can keep: defaults come back ...
-  assert not cpu_runtime.keep_freed_memory_for(3100 << 20)
+  assert len(calls) == 1  # unchanged: no call into glibc
+  # 3.1 GB is beyond what glibc can keep: mmap and trimming come back ...
+  assert not cpu_runtime.keep_freed_memory_for(large)
   assert calls[-1][cpu_runtime._M_MMAP_MAX] == cpu_runtime._DEFAULT_MMAP_MAX
   assert calls[-1][cpu_runtime._M_TRIM_THRESHOLD] < 2**31 - 1
-  # ... and stay for the rest of the process.
-  assert not cpu_runtime.keep_freed_memory_for(small)
+  assert not cpu_runtime.keep_freed_memory_for(large)
   assert len(calls) == 2
+  # ... until a small step runs again (peers.py alternates 64 and 224 px).
+  assert cpu_runtime.keep_freed_memory_for(small)
+  assert calls[-1] == keep and len(calls) == 3
 
 
 def test_large_first_step_changes_nothing(fresh_policy):
   assert not cpu_runtime.keep_freed_memory_for(3100 << 20)
-  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
   assert fresh_policy == []
 
 
@@ -135,7 +140,7 @@ def test_bad_switch_value_names_variable_and_choices(fresh_policy,
     cpu_runtime.keep_freed_memory_for(1 << 20)
 
 
-def test_train_step_reports_its_temporaries_once(monkeypatch):
+def test_train_step_sets_host_memory_for_its_temporaries(monkeypatch):
   temp_sizes = []
   monkeypatch.setattr(cpu_runtime, 'keep_freed_memory_for',
                       lambda temp_bytes: temp_sizes.append(temp_bytes))
@@ -149,5 +154,7 @@ def test_train_step_reports_its_temporaries_once(monkeypatch):
   for _ in range(2):
     state, metrics = exp.train_step(state, next(iterator))
     losses.append(float(metrics['loss']))
-  assert len(temp_sizes) == 1 and temp_sizes[0] > 0, temp_sizes
+  # Before each step, with the size XLA reported when it compiled.
+  assert len(temp_sizes) == 2 and temp_sizes[0] == temp_sizes[1] > 0, (
+      temp_sizes)
   assert np.all(np.isfinite(losses))
