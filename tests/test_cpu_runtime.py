@@ -56,8 +56,8 @@ FAULTS_SCRIPT = textwrap.dedent('''
 @pytest.mark.skipif(not sys.platform.startswith('linux'),
                     reason='glibc malloc settings')
 def test_kept_memory_is_not_faulted_in_again_every_call():
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop(cpu_runtime.HOST_MEMORY_ENV_VAR, None)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         cpu_runtime.HOST_MEMORY_ENV_VAR: '1'}
   result = subprocess.run([sys.executable, '-c', FAULTS_SCRIPT], cwd=ROOT,
                           env=env, text=True, capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -83,7 +83,7 @@ def fresh_policy(monkeypatch):
   monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
                       lambda: ('glibc', '2.36'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.delenv(cpu_runtime.HOST_MEMORY_ENV_VAR, raising=False)
+  monkeypatch.setenv(cpu_runtime.HOST_MEMORY_ENV_VAR, '1')
   cpu_runtime._malloc_settings_apply.cache_clear()
   yield calls
   cpu_runtime._malloc_settings_apply.cache_clear()
@@ -117,13 +117,17 @@ def test_large_first_step_changes_nothing(fresh_policy):
 
 @pytest.mark.parametrize('setting', [
     dict(env={'NFNETS_KEEP_HOST_MEMORY': '0'}),
+    dict(env={'NFNETS_KEEP_HOST_MEMORY': ''}),  # unset: off by default
     dict(env={'JAX_PLATFORMS': 'cuda,cpu'}),
     dict(libc=('musl', '')),
 ])
 def test_nothing_changes_when_opted_out_or_not_applicable(
     fresh_policy, monkeypatch, setting):
   for name, value in setting.get('env', {}).items():
-    monkeypatch.setenv(name, value)
+    if value:
+      monkeypatch.setenv(name, value)
+    else:
+      monkeypatch.delenv(name)
   if 'libc' in setting:
     monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
                         lambda: setting['libc'])
@@ -135,8 +139,8 @@ def test_nothing_changes_when_opted_out_or_not_applicable(
 def test_bad_switch_value_names_variable_and_choices(fresh_policy,
                                                      monkeypatch):
   monkeypatch.setenv('NFNETS_KEEP_HOST_MEMORY', 'maybe')
-  with pytest.raises(ValueError,
-                     match=r"NFNETS_KEEP_HOST_MEMORY='maybe'.*1 .* or 0"):
+  with pytest.raises(
+      ValueError, match=r"NFNETS_KEEP_HOST_MEMORY='maybe'.*1 \(on\) or 0"):
     cpu_runtime.keep_freed_memory_for(1 << 20)
 
 
