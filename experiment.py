@@ -270,6 +270,8 @@ class Experiment:
     """One optimizer step on a process-local batch; donates state."""
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
+      if not cpu_runtime.host_memory_setting_applies():
+        return self._train_step(state, batch)
       shapes = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
       if shapes not in self._temp_bytes:
         # Compiled here rather than on the call (which then finds it in
@@ -327,7 +329,8 @@ class Experiment:
       compiled = self._train_step_accumulate.lower(state, batch,
                                                    accumulator).compile()
     # The loop runs this one train program: host memory set for it once.
-    temp_bytes = self._temp_bytes_on_cpu(compiled)
+    temp_bytes = (self._temp_bytes_on_cpu(compiled)
+                  if cpu_runtime.host_memory_setting_applies() else None)
     if temp_bytes is not None:
       cpu_runtime.keep_freed_memory_for(temp_bytes)
     return compiled

@@ -137,7 +137,7 @@ def _jax_runs_only_on_cpu() -> bool:
 
 
 @functools.cache
-def _malloc_settings_apply() -> bool:
+def host_memory_setting_applies() -> bool:
   """Opted in, Linux, glibc and JAX on the CPU only; read once."""
   return (switched_on(HOST_MEMORY_ENV_VAR, default=False)
           and platform.system() == 'Linux'
@@ -159,7 +159,7 @@ def share_one_malloc_arena() -> bool:
   threads on the main arena. It must run before those threads first call
   malloc: on import, before a JAX backend exists.
   """
-  return _malloc_settings_apply() and _mallopt({_M_ARENA_MAX: 1})
+  return host_memory_setting_applies() and _mallopt({_M_ARENA_MAX: 1})
 
 
 def keep_freed_memory_for(temp_bytes: int) -> bool:
@@ -173,7 +173,7 @@ def keep_freed_memory_for(temp_bytes: int) -> bool:
   steps (benchmarks/peers.py runs 64 and 224 px); only a change of the
   setting calls into glibc.
   """
-  if not _malloc_settings_apply():
+  if not host_memory_setting_applies():
     return False
   keep = temp_bytes <= KEEP_LIMIT_BYTES
   if keep != _host_memory['kept']:

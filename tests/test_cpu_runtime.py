@@ -84,9 +84,9 @@ def fresh_policy(monkeypatch):
                       lambda: ('glibc', '2.36'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv(cpu_runtime.HOST_MEMORY_ENV_VAR, '1')
-  cpu_runtime._malloc_settings_apply.cache_clear()
+  cpu_runtime.host_memory_setting_applies.cache_clear()
   yield calls
-  cpu_runtime._malloc_settings_apply.cache_clear()
+  cpu_runtime.host_memory_setting_applies.cache_clear()
 
 
 def test_small_steps_keep_memory_and_large_ones_get_the_defaults(
@@ -144,7 +144,8 @@ def test_bad_switch_value_names_variable_and_choices(fresh_policy,
     cpu_runtime.keep_freed_memory_for(1 << 20)
 
 
-def test_train_step_sets_host_memory_for_its_temporaries(monkeypatch):
+def test_train_step_sets_host_memory_for_its_temporaries(fresh_policy,
+                                                         monkeypatch):
   temp_sizes = []
   monkeypatch.setattr(cpu_runtime, 'keep_freed_memory_for',
                       lambda temp_bytes: temp_sizes.append(temp_bytes))
