@@ -16,6 +16,7 @@ saved.
 
 import collections
 import copy
+import functools
 import json
 import os
 import time
@@ -270,7 +271,7 @@ class Experiment:
     """One optimizer step on a process-local batch; donates state."""
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
-      if not cpu_runtime.host_memory_setting_applies():
+      if not cpu_runtime.computations_run_inline():
         return self._train_step(state, batch)
       shapes = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
       if shapes not in self._temp_bytes:
@@ -278,9 +279,19 @@ class Experiment:
         # jit's cache) to see its memory use.
         self._temp_bytes[shapes] = self._temp_bytes_on_cpu(
             self._train_step.lower(state, batch).compile())
-      if self._temp_bytes[shapes] is not None:
-        cpu_runtime.keep_freed_memory_for(self._temp_bytes[shapes])
-      return self._train_step(state, batch)
+      return self._run_keeping_host_memory(self._train_step,
+                                           self._temp_bytes[shapes],
+                                           state, batch)
+
+  @staticmethod
+  def _run_keeping_host_memory(step, temp_bytes, *inputs):
+    """step(*inputs) with host memory set for its temporaries (CPU,
+    nfnets/cpu_runtime.py). Ready inputs let XLA run it on this thread,
+    whose malloc arena keeps the memory; with pending ones it would defer
+    the step to a worker thread."""
+    if temp_bytes is not None:
+      cpu_runtime.keep_freed_memory_for(temp_bytes)
+    return step(*jax.block_until_ready(inputs))
 
   @staticmethod
   def _temp_bytes_on_cpu(compiled) -> int | None:
@@ -328,12 +339,10 @@ class Experiment:
     with jax.set_mesh(self.mesh):
       compiled = self._train_step_accumulate.lower(state, batch,
                                                    accumulator).compile()
-    # The loop runs this one train program: host memory set for it once.
-    temp_bytes = (self._temp_bytes_on_cpu(compiled)
-                  if cpu_runtime.host_memory_setting_applies() else None)
-    if temp_bytes is not None:
-      cpu_runtime.keep_freed_memory_for(temp_bytes)
-    return compiled
+    if not cpu_runtime.computations_run_inline():
+      return compiled
+    return functools.partial(self._run_keeping_host_memory, compiled,
+                             self._temp_bytes_on_cpu(compiled))
 
   def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
     """Yields (device batch, data state after it) from a host iterator,

@@ -1,5 +1,6 @@
 """Process-wide settings that make XLA:CPU fast; `nfnets` applies them on
-import. Standard library only: XLA_FLAGS must be set before JAX starts.
+import. XLA_FLAGS must be set before JAX starts, so this module imports only
+the standard library at the top, and jax inside `run_computations_inline`.
 
 1. The XLA flag `--xla_cpu_experimental_ynn_fusion_type=individual_dot`
    (`use_fast_cpu_convolutions`). With jax 0.10.2, XLA:CPU sends every
@@ -14,20 +15,24 @@ import. Standard library only: XLA_FLAGS must be set before JAX starts.
    NFNETS_CPU_CONV_FLAG=0, or by giving any
    `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS yourself.
 
-2. glibc malloc settings that let a train step reuse its memory
-   (`share_one_malloc_arena` on import, `keep_freed_memory_for` before
-   each train step). XLA:CPU allocates each execution's
-   temporaries as one block with malloc: 363 MB for an NF-ResNet-50 train
-   step at 64 px, batch 32. glibc serves a block that large with a fresh
-   mmap and unmaps it when it is freed, so every step page-faults all of it
-   in again: 88,700 minor faults per step. With mmap and heap trimming off,
-   freed blocks are reused: under 100 faults per step, and the step 6-12%
-   faster. **Off unless NFNETS_KEEP_HOST_MEMORY=1**: it needs all threads
-   on one malloc arena, and that slowed the MNIST quickstart's training
-   from 16 to 24-27 s (its input pipeline's threads contend for the
-   lock) and the 224 px step by 2-5%. Only on Linux with glibc and when
-   JAX can only run on the CPU (an accelerator keeps the working memory
-   on the device).
+2. Host memory that a train step reuses instead of faulting in again
+   (`run_computations_inline` on import, `keep_freed_memory_for` before
+   each train step). XLA:CPU allocates each execution's temporaries as one
+   block with malloc: 363 MB for an NF-ResNet-50 train step at 64 px,
+   batch 32. glibc serves a block that large with a fresh mmap and unmaps
+   it when it is freed, so every step page-faulted all of it in again:
+   88,700 minor faults per step. With mmap and heap trimming off, freed
+   blocks are reused: about zero faults per step, and the step 6-10%
+   faster. Those settings only reach glibc's main arena; a thread's own
+   arena mmaps any block over its 64 MB heaps whatever they say. So JAX
+   runs single-device CPU computations inline, on the calling thread
+   (`jax_cpu_enable_async_dispatch=False`), and a train step is called
+   with its inputs ready (else XLA defers it to a worker thread). On by
+   default; NFNETS_KEEP_HOST_MEMORY=0 turns both off. Only on Linux with
+   glibc and when JAX can only run on the CPU (an accelerator keeps the
+   working memory on the device). An earlier form put every thread on
+   the main arena instead (M_ARENA_MAX=1): that slowed the MNIST
+   quickstart's training from 16 to 24-27 s, so it was opt-in.
 """
 
 import ctypes
@@ -55,7 +60,6 @@ KEEP_LIMIT_BYTES = 1 << 30
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 # For steps over the limit, what glibc's defaults come to in a process that
 # has freed large blocks (its dynamic mmap threshold stops at 32 MB,
 # trimming at twice that); a mallopt call fixes the thresholds, so putting
@@ -65,9 +69,11 @@ _DEFAULT_MMAP_MAX = 65536
 _SETTLED_MMAP_THRESHOLD = 32 << 20
 _SETTLED_TRIM_THRESHOLD = 64 << 20
 
-# Whether glibc is set for small steps (True), large ones (False) or still
-# has its defaults (None).
-_host_memory = {'kept': None}
+# kept: whether glibc is set to keep freed memory (small steps) or has its
+# defaults (at first, and for large steps). inline: whether
+# run_computations_inline switched JAX's CPU dispatch to the calling thread.
+_host_memory = {'kept': False, 'inline': False}
+ASYNC_DISPATCH_ENV_VAR = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
 
 
 def switched_on(env_var: str, default: bool = True) -> bool:
@@ -138,8 +144,8 @@ def _jax_runs_only_on_cpu() -> bool:
 
 @functools.cache
 def host_memory_setting_applies() -> bool:
-  """Opted in, Linux, glibc and JAX on the CPU only; read once."""
-  return (switched_on(HOST_MEMORY_ENV_VAR, default=False)
+  """Not opted out, Linux, glibc and JAX on the CPU only; read once."""
+  return (switched_on(HOST_MEMORY_ENV_VAR)
           and platform.system() == 'Linux'
           and platform.libc_ver()[0] == 'glibc' and _jax_runs_only_on_cpu())
 
@@ -151,15 +157,34 @@ def _mallopt(settings: dict[int, int]) -> bool:
               for parameter, value in settings.items()])
 
 
-def share_one_malloc_arena() -> bool:
-  """All threads allocate from glibc's main arena; True if set.
+def run_computations_inline() -> bool:
+  """Makes JAX run single-device CPU computations on the calling thread;
+  True if it did (or had done).
 
-  A thread's own arena mmaps any block larger than its 64 MB heaps,
-  whatever M_MMAP_MAX says, so `keep_freed_memory_for` needs XLA's worker
-  threads on the main arena. It must run before those threads first call
-  malloc: on import, before a JAX backend exists.
+  The calling thread allocates from glibc's main arena, which
+  `keep_freed_memory_for` can set; XLA's worker threads have arenas of
+  their own that always mmap large blocks. JAX reads the option when it
+  creates its CPU backend, so this must run before that (on import).
+  Changes nothing when the setting does not apply, when the user set
+  JAX_CPU_ENABLE_ASYNC_DISPATCH (their choice wins) or when a backend
+  already exists.
   """
-  return host_memory_setting_applies() and _mallopt({_M_ARENA_MAX: 1})
+  if _host_memory['inline']:
+    return True
+  if (not host_memory_setting_applies()
+      or ASYNC_DISPATCH_ENV_VAR in os.environ or _backends_initialized()):
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  _host_memory['inline'] = True
+  return True
+
+
+def computations_run_inline() -> bool:
+  """Whether `run_computations_inline` took effect in this process: train
+  steps should then be called with ready inputs (`jax.block_until_ready`),
+  which XLA runs on the calling thread."""
+  return _host_memory['inline']
 
 
 def keep_freed_memory_for(temp_bytes: int) -> bool:
@@ -171,9 +196,10 @@ def keep_freed_memory_for(temp_bytes: int) -> bool:
   fresh pages in. Above it, glibc's defaults are put back (the heap would
   only be trimmed, and grow). A process can alternate small and large
   steps (benchmarks/peers.py runs 64 and 224 px); only a change of the
-  setting calls into glibc.
+  setting calls into glibc. Does nothing unless `run_computations_inline`
+  took effect: the caller must pass the step inputs that are ready.
   """
-  if not host_memory_setting_applies():
+  if not computations_run_inline():
     return False
   keep = temp_bytes <= KEEP_LIMIT_BYTES
   if keep != _host_memory['kept']:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,22 +72,102 @@ def test_kept_memory_is_not_faulted_in_again_every_call():
   assert values['with_kept'] < 0.05 * temp_pages, values
 
 
+# Train steps of the MNIST quickstart net at batch 512 (a temporary of
+# about 120 MB) through Experiment.train_step, in a process set up as
+# `import nfnets` sets it: page faults per step, after a warm-up step.
+TRAIN_STEP_FAULTS_SCRIPT = textwrap.dedent('''
+    import json, resource
+    import experiment
+    from configs import quickstart
+    from nfnets import cpu_runtime, data
+
+    config = quickstart.get_config()
+    config.train.batch_size = 512
+    exp = experiment.Experiment(config)
+    state = exp.init_state()
+    batches = data.train_iterator(config.data, 512, 0, exp.train_source)
+    faults = []
+    for _ in range(9):
+      batch = next(batches)
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      state, metrics = exp.train_step(state, batch)
+      metrics['loss'].block_until_ready()
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    - before)
+    print('RESULT' + json.dumps(dict(
+        inline=cpu_runtime.computations_run_inline(),
+        temp_bytes=list(exp._temp_bytes.values()), faults=faults[1:])))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='glibc malloc settings')
+def test_train_steps_do_not_fault_their_memory_in_again():
+  env = {k: v for k, v in os.environ.items()
+         if k not in (cpu_runtime.HOST_MEMORY_ENV_VAR,
+                      cpu_runtime.ASYNC_DISPATCH_ENV_VAR, 'XLA_FLAGS')}
+  env['JAX_PLATFORMS'] = 'cpu'  # the default setting, one CPU device
+  result = subprocess.run([sys.executable, '-c', TRAIN_STEP_FAULTS_SCRIPT],
+                          cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
+  values = json.loads(line[len('RESULT'):])
+  assert values['inline'], values
+  (temp_bytes,) = values['temp_bytes']
+  assert temp_bytes > 64 << 20, values  # beyond glibc's mmap thresholds
+  # A step whose temporary came from a worker thread's arena (a fresh
+  # mmap) faults all of it in; the heap's occasional growth much less.
+  assert max(values['faults']) < 0.3 * temp_bytes / 4096, values
+
+
 @pytest.fixture
 def fresh_policy(monkeypatch):
-  """cpu_runtime's malloc state from scratch, mallopt calls recorded (not
-  made), glibc and a CPU-only JAX assumed."""
+  """cpu_runtime's state from scratch, computations inline, mallopt calls
+  recorded (not made), glibc and a CPU-only JAX assumed."""
   calls = []
-  monkeypatch.setattr(cpu_runtime, '_host_memory', {'kept': False})
+  monkeypatch.setattr(cpu_runtime, '_host_memory',
+                      {'kept': False, 'inline': True})
   monkeypatch.setattr(cpu_runtime, '_mallopt',
                       lambda settings: calls.append(dict(settings)) or True)
   monkeypatch.setattr(cpu_runtime.platform, 'system', lambda: 'Linux')
   monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
                       lambda: ('glibc', '2.36'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv(cpu_runtime.HOST_MEMORY_ENV_VAR, '1')
+  monkeypatch.delenv(cpu_runtime.HOST_MEMORY_ENV_VAR, raising=False)
+  monkeypatch.delenv(cpu_runtime.ASYNC_DISPATCH_ENV_VAR, raising=False)
   cpu_runtime.host_memory_setting_applies.cache_clear()
   yield calls
   cpu_runtime.host_memory_setting_applies.cache_clear()
+
+
+@pytest.fixture
+def before_backend(fresh_policy, monkeypatch):
+  """fresh_policy in a process whose JAX backend does not exist yet;
+  jax.config updates recorded (not made)."""
+  updates = []
+  monkeypatch.setattr(cpu_runtime, '_host_memory',
+                      {'kept': False, 'inline': False})
+  monkeypatch.setattr(cpu_runtime, '_backends_initialized', lambda: False)
+  monkeypatch.setattr(jax.config, 'update',
+                      lambda name, value: updates.append((name, value)))
+  yield updates
+
+
+def test_computations_run_inline_by_default(before_backend):
+  assert cpu_runtime.run_computations_inline()
+  assert before_backend == [('jax_cpu_enable_async_dispatch', False)]
+  assert cpu_runtime.computations_run_inline()
+  assert cpu_runtime.run_computations_inline()
+  assert len(before_backend) == 1
+
+
+def test_users_async_dispatch_choice_wins(before_backend, fresh_policy,
+                                          monkeypatch):
+  monkeypatch.setenv(cpu_runtime.ASYNC_DISPATCH_ENV_VAR, 'true')
+  assert not cpu_runtime.run_computations_inline()
+  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert before_backend == [] and fresh_policy == []
 
 
 def test_small_steps_keep_memory_and_large_ones_get_the_defaults(
@@ -117,23 +198,28 @@ def test_large_first_step_changes_nothing(fresh_policy):
 
 @pytest.mark.parametrize('setting', [
     dict(env={'NFNETS_KEEP_HOST_MEMORY': '0'}),
-    dict(env={'NFNETS_KEEP_HOST_MEMORY': ''}),  # unset: off by default
+    dict(env={'NFNETS_KEEP_HOST_MEMORY': 'off'}),
     dict(env={'JAX_PLATFORMS': 'cuda,cpu'}),
     dict(libc=('musl', '')),
 ])
 def test_nothing_changes_when_opted_out_or_not_applicable(
-    fresh_policy, monkeypatch, setting):
+    before_backend, fresh_policy, monkeypatch, setting):
   for name, value in setting.get('env', {}).items():
-    if value:
-      monkeypatch.setenv(name, value)
-    else:
-      monkeypatch.delenv(name)
+    monkeypatch.setenv(name, value)
   if 'libc' in setting:
     monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
                         lambda: setting['libc'])
-  assert not cpu_runtime.share_one_malloc_arena()
+  assert not cpu_runtime.run_computations_inline()
   assert not cpu_runtime.keep_freed_memory_for(1 << 20)
-  assert fresh_policy == []
+  assert before_backend == [] and fresh_policy == []
+
+
+def test_too_late_for_inline_computations_changes_nothing(
+    before_backend, fresh_policy, monkeypatch):
+  monkeypatch.setattr(cpu_runtime, '_backends_initialized', lambda: True)
+  assert not cpu_runtime.run_computations_inline()
+  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert before_backend == [] and fresh_policy == []
 
 
 def test_bad_switch_value_names_variable_and_choices(fresh_policy,
@@ -141,7 +227,7 @@ def test_bad_switch_value_names_variable_and_choices(fresh_policy,
   monkeypatch.setenv('NFNETS_KEEP_HOST_MEMORY', 'maybe')
   with pytest.raises(
       ValueError, match=r"NFNETS_KEEP_HOST_MEMORY='maybe'.*1 \(on\) or 0"):
-    cpu_runtime.keep_freed_memory_for(1 << 20)
+    cpu_runtime.host_memory_setting_applies()
 
 
 def test_train_step_sets_host_memory_for_its_temporaries(fresh_policy,
