@@ -149,8 +149,6 @@ class Experiment:
     self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
-    # Temporary bytes of each compiled train step, by batch shapes.
-    self._temp_bytes = {}
     # The same parameters without dropout / stochastic depth and with local
     # BatchNorm statistics, for deterministic signal statistics.
     probe_config = copy.deepcopy(config.model)
@@ -271,35 +269,18 @@ class Experiment:
     """One optimizer step on a process-local batch; donates state."""
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
-      if not cpu_runtime.computations_run_inline():
-        return self._train_step(state, batch)
-      shapes = tuple((k, v.shape, v.dtype) for k, v in sorted(batch.items()))
-      if shapes not in self._temp_bytes:
-        # Compiled here rather than on the call (which then finds it in
-        # jit's cache) to see its memory use.
-        self._temp_bytes[shapes] = self._temp_bytes_on_cpu(
-            self._train_step.lower(state, batch).compile())
-      return self._run_keeping_host_memory(self._train_step,
-                                           self._temp_bytes[shapes],
-                                           state, batch)
+      if cpu_runtime.computations_run_inline():
+        return self._run_keeping_host_memory(self._train_step, state, batch)
+      return self._train_step(state, batch)
 
   @staticmethod
-  def _run_keeping_host_memory(step, temp_bytes, *inputs):
-    """step(*inputs) with host memory set for its temporaries (CPU,
+  def _run_keeping_host_memory(step, *inputs):
+    """step(*inputs), reusing host memory between steps (CPU,
     nfnets/cpu_runtime.py). Ready inputs let XLA run it on this thread,
     whose malloc arena keeps the memory; with pending ones it would defer
     the step to a worker thread."""
-    if temp_bytes is not None:
-      cpu_runtime.keep_freed_memory_for(temp_bytes)
+    cpu_runtime.keep_freed_memory()
     return step(*jax.block_until_ready(inputs))
-
-  @staticmethod
-  def _temp_bytes_on_cpu(compiled) -> int | None:
-    """A compiled step's temporary bytes on the CPU backend, else None."""
-    analysis = compiled.memory_analysis()
-    if analysis is None or jax.default_backend() != 'cpu':
-      return None
-    return analysis.temp_size_in_bytes
 
   def new_accumulator(self) -> dict:
     """Device-side sums of train metrics between log steps, and the first
@@ -327,7 +308,8 @@ class Experiment:
 
   def compile_loop_step(self, state, accumulator):
     """The loop's step, compiled ahead of time for these shapes:
-    (state, device batch, accumulator) -> (state, accumulator, done)."""
+    (state, device batch, accumulator) -> (state, accumulator, done); on
+    CPU it keeps host memory between steps (`train_step`)."""
     local = data.local_batch_size(self.config.train.batch_size)
     size = self.config.data.image_size
     batch = {
@@ -341,8 +323,7 @@ class Experiment:
                                                    accumulator).compile()
     if not cpu_runtime.computations_run_inline():
       return compiled
-    return functools.partial(self._run_keeping_host_memory, compiled,
-                             self._temp_bytes_on_cpu(compiled))
+    return functools.partial(self._run_keeping_host_memory, compiled)
 
   def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
     """Yields (device batch, data state after it) from a host iterator,

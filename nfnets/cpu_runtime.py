@@ -16,21 +16,22 @@ the standard library at the top, and jax inside `run_computations_inline`.
    `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS yourself.
 
 2. Host memory that a train step reuses instead of faulting in again
-   (`run_computations_inline` on import, `keep_freed_memory_for` before
-   each train step). XLA:CPU allocates each execution's temporaries as one
+   (`run_computations_inline` on import, `keep_freed_memory` before a
+   train step). XLA:CPU allocates each execution's temporaries as one
    block with malloc: 363 MB for an NF-ResNet-50 train step at 64 px,
-   batch 32. glibc serves a block that large with a fresh mmap and unmaps
-   it when it is freed, so every step page-faulted all of it in again:
-   88,700 minor faults per step. With mmap and heap trimming off, freed
-   blocks are reused: about zero faults per step, and the step 6-10%
-   faster. Those settings only reach glibc's main arena; a thread's own
-   arena mmaps any block over its 64 MB heaps whatever they say. So JAX
-   runs single-device CPU computations inline, on the calling thread
-   (`jax_cpu_enable_async_dispatch=False`), and a train step is called
-   with its inputs ready (else XLA defers it to a worker thread). On by
-   default; NFNETS_KEEP_HOST_MEMORY=0 turns both off. Only on Linux with
-   glibc and when JAX can only run on the CPU (an accelerator keeps the
-   working memory on the device). An earlier form put every thread on
+   batch 32, 3.1 GB at 224 px. glibc serves a block that large with a
+   fresh mmap and unmaps it when it is freed, so every step page-faulted
+   all of it in again: 88,700 minor faults per step at 64 px, 800,000 at
+   224 px. With mmap and heap trimming off, freed blocks are reused: about
+   zero faults per step at 64 px, and the step 11-21% faster at 64 px and
+   8-20% at 224 px. Those settings only govern glibc's main arena; a
+   thread's own arena mmaps any block over its 64 MB heaps whatever they
+   say. So JAX runs single-device CPU computations inline, on the calling
+   thread (`jax_cpu_enable_async_dispatch=False`), and a train step is
+   called with its inputs ready (else XLA defers it to a worker thread).
+   On by default; NFNETS_KEEP_HOST_MEMORY=0 turns both off. Only on Linux
+   with glibc and when JAX can only run on the CPU (an accelerator keeps
+   the working memory on the device). An earlier form put every thread on
    the main arena instead (M_ARENA_MAX=1): that slowed the MNIST
    quickstart's training from 16 to 24-27 s, so it was opt-in.
 """
@@ -50,27 +51,14 @@ HOST_MEMORY_ENV_VAR = 'NFNETS_KEEP_HOST_MEMORY'
 # aborts the process, and this one is experimental.
 _JAXLIB_VERSIONS_WITH_FLAG = ('0.10.2',)
 
-# Temporaries up to this size are kept resident between steps. glibc cannot
-# be told to keep more than 2 GB of free heap (mallopt takes an int): a
-# 3.1 GB temporary (NF-ResNet-50 at 224 px) was then trimmed and faulted in
-# again every step while fragmentation grew the heap to 10 GB.
-KEEP_LIMIT_BYTES = 1 << 30
-
 # mallopt parameters, from <malloc.h>.
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-# For steps over the limit, what glibc's defaults come to in a process that
-# has freed large blocks (its dynamic mmap threshold stops at 32 MB,
-# trimming at twice that); a mallopt call fixes the thresholds, so putting
-# the defaults back means naming them. Keeping blocks under 32 MB with no
-# trimming instead was 15-23% slower at 224 px (two process pairs).
-_DEFAULT_MMAP_MAX = 65536
-_SETTLED_MMAP_THRESHOLD = 32 << 20
-_SETTLED_TRIM_THRESHOLD = 64 << 20
+# glibc's freed memory, kept: no mmap for large blocks (served from the heap
+# instead), and no trimming of the heap's free top (-1: never; mallopt(3)).
+_KEEP_FREED_MEMORY = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1}
 
-# kept: whether glibc is set to keep freed memory (small steps) or has its
-# defaults (at first, and for large steps). inline: whether
+# kept: whether glibc is set to keep freed memory. inline: whether
 # run_computations_inline switched JAX's CPU dispatch to the calling thread.
 _host_memory = {'kept': False, 'inline': False}
 ASYNC_DISPATCH_ENV_VAR = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
@@ -187,29 +175,21 @@ def computations_run_inline() -> bool:
   return _host_memory['inline']
 
 
-def keep_freed_memory_for(temp_bytes: int) -> bool:
-  """Called before a compiled train step runs, with its temporary bytes
-  (XLA's memory analysis); True if freed memory is now kept for reuse.
+def keep_freed_memory() -> bool:
+  """Called before a train step runs; True if glibc now keeps the memory
+  the process frees (mmap and heap trimming off), so each step reuses the
+  blocks of the one before instead of faulting fresh pages in.
 
-  Within KEEP_LIMIT_BYTES, glibc's mmap and heap trimming are turned off,
-  so the step reuses blocks freed by earlier steps instead of faulting
-  fresh pages in. Above it, glibc's defaults are put back (the heap would
-  only be trimmed, and grow). A process can alternate small and large
-  steps (benchmarks/peers.py runs 64 and 224 px); only a change of the
-  setting calls into glibc. Does nothing unless `run_computations_inline`
-  took effect: the caller must pass the step inputs that are ready.
+  For a whole training process: the heap then stays at its peak size.
+  Only the first call changes anything. Does nothing unless
+  `run_computations_inline` took effect: the step must be called with
+  ready inputs, so that XLA allocates its temporaries on the calling thread
+  (glibc's main arena, which these settings govern).
   """
   if not computations_run_inline():
     return False
-  keep = temp_bytes <= KEEP_LIMIT_BYTES
-  if keep != _host_memory['kept']:
-    if keep:
-      settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
-    else:
-      settings = {_M_MMAP_MAX: _DEFAULT_MMAP_MAX,
-                  _M_MMAP_THRESHOLD: _SETTLED_MMAP_THRESHOLD,
-                  _M_TRIM_THRESHOLD: _SETTLED_TRIM_THRESHOLD}
-    if not _mallopt(settings):
+  if not _host_memory['kept']:
+    if not _mallopt(_KEEP_FREED_MEMORY):
       return False
-    _host_memory['kept'] = keep
-  return keep
+    _host_memory['kept'] = True
+  return True

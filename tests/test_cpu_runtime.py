@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # with glibc's defaults, then with freed memory kept.
 FAULTS_SCRIPT = textwrap.dedent('''
     import json, resource, statistics
-    import nfnets  # first, as a script would: it sets up malloc on import
+    import nfnets  # first, as a script would: computations run inline
     import jax, jax.numpy as jnp
     from nfnets import cpu_runtime
 
@@ -48,7 +48,7 @@ FAULTS_SCRIPT = textwrap.dedent('''
       return statistics.median(faults)
 
     default = faults_per_call()
-    kept = cpu_runtime.keep_freed_memory_for(temp_bytes)
+    kept = cpu_runtime.keep_freed_memory()
     print('RESULT' + json.dumps(dict(temp_bytes=temp_bytes, default=default,
                                      kept=kept, with_kept=faults_per_call())))
 ''')
@@ -77,6 +77,7 @@ def test_kept_memory_is_not_faulted_in_again_every_call():
 # `import nfnets` sets it: page faults per step, after a warm-up step.
 TRAIN_STEP_FAULTS_SCRIPT = textwrap.dedent('''
     import json, resource
+    import jax
     import experiment
     from configs import quickstart
     from nfnets import cpu_runtime, data
@@ -86,6 +87,10 @@ TRAIN_STEP_FAULTS_SCRIPT = textwrap.dedent('''
     exp = experiment.Experiment(config)
     state = exp.init_state()
     batches = data.train_iterator(config.data, 512, 0, exp.train_source)
+    with jax.set_mesh(exp.mesh):  # jit's call then finds this compile
+      temp_bytes = exp._train_step.lower(
+          state, exp.shard_batch(next(batches))).compile().memory_analysis(
+              ).temp_size_in_bytes
     faults = []
     for _ in range(9):
       batch = next(batches)
@@ -96,7 +101,7 @@ TRAIN_STEP_FAULTS_SCRIPT = textwrap.dedent('''
                     - before)
     print('RESULT' + json.dumps(dict(
         inline=cpu_runtime.computations_run_inline(),
-        temp_bytes=list(exp._temp_bytes.values()), faults=faults[1:])))
+        temp_bytes=temp_bytes, faults=faults[1:])))
 ''')
 
 
@@ -114,7 +119,7 @@ def test_train_steps_do_not_fault_their_memory_in_again():
   line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
   values = json.loads(line[len('RESULT'):])
   assert values['inline'], values
-  (temp_bytes,) = values['temp_bytes']
+  temp_bytes = values['temp_bytes']
   assert temp_bytes > 64 << 20, values  # beyond glibc's mmap thresholds
   # A step whose temporary came from a worker thread's arena (a fresh
   # mmap) faults all of it in; the heap's occasional growth much less.
@@ -166,34 +171,19 @@ def test_users_async_dispatch_choice_wins(before_backend, fresh_policy,
                                           monkeypatch):
   monkeypatch.setenv(cpu_runtime.ASYNC_DISPATCH_ENV_VAR, 'true')
   assert not cpu_runtime.run_computations_inline()
-  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert not cpu_runtime.keep_freed_memory()
   assert before_backend == [] and fresh_policy == []
 
 
-def test_small_steps_keep_memory_and_large_ones_get_the_defaults(
-    fresh_policy):
+def test_freed_memory_is_kept_from_the_first_step_on(fresh_policy):
   calls = fresh_policy
-  small, large = 363 << 20, 3100 << 20  # NF-ResNet-50 at 64 and 224 px
-  keep = {cpu_runtime._M_MMAP_MAX: 0,
-          cpu_runtime._M_TRIM_THRESHOLD: 2**31 - 1}
-  assert cpu_runtime.keep_freed_memory_for(small)
-  assert calls == [keep]
-  assert cpu_runtime.keep_freed_memory_for(small)
-  assert len(calls) == 1  # unchanged: no call into glibc
-  # 3.1 GB is beyond what glibc can keep: mmap and trimming come back ...
-  assert not cpu_runtime.keep_freed_memory_for(large)
-  assert calls[-1][cpu_runtime._M_MMAP_MAX] == cpu_runtime._DEFAULT_MMAP_MAX
-  assert calls[-1][cpu_runtime._M_TRIM_THRESHOLD] < 2**31 - 1
-  assert not cpu_runtime.keep_freed_memory_for(large)
-  assert len(calls) == 2
-  # ... until a small step runs again (peers.py alternates 64 and 224 px).
-  assert cpu_runtime.keep_freed_memory_for(small)
-  assert calls[-1] == keep and len(calls) == 3
-
-
-def test_large_first_step_changes_nothing(fresh_policy):
-  assert not cpu_runtime.keep_freed_memory_for(3100 << 20)
-  assert fresh_policy == []
+  assert cpu_runtime.keep_freed_memory()
+  # No mmap; trimming never (-1), even past the 2 GB an int threshold
+  # reaches: NF-ResNet-50's 3.1 GB temporary at 224 px must stay too.
+  assert calls == [{cpu_runtime._M_MMAP_MAX: 0,
+                    cpu_runtime._M_TRIM_THRESHOLD: -1}]
+  assert cpu_runtime.keep_freed_memory()
+  assert len(calls) == 1  # set once per process
 
 
 @pytest.mark.parametrize('setting', [
@@ -210,7 +200,7 @@ def test_nothing_changes_when_opted_out_or_not_applicable(
     monkeypatch.setattr(cpu_runtime.platform, 'libc_ver',
                         lambda: setting['libc'])
   assert not cpu_runtime.run_computations_inline()
-  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert not cpu_runtime.keep_freed_memory()
   assert before_backend == [] and fresh_policy == []
 
 
@@ -218,7 +208,7 @@ def test_too_late_for_inline_computations_changes_nothing(
     before_backend, fresh_policy, monkeypatch):
   monkeypatch.setattr(cpu_runtime, '_backends_initialized', lambda: True)
   assert not cpu_runtime.run_computations_inline()
-  assert not cpu_runtime.keep_freed_memory_for(1 << 20)
+  assert not cpu_runtime.keep_freed_memory()
   assert before_backend == [] and fresh_policy == []
 
 
@@ -230,11 +220,10 @@ def test_bad_switch_value_names_variable_and_choices(fresh_policy,
     cpu_runtime.host_memory_setting_applies()
 
 
-def test_train_step_sets_host_memory_for_its_temporaries(fresh_policy,
-                                                         monkeypatch):
-  temp_sizes = []
-  monkeypatch.setattr(cpu_runtime, 'keep_freed_memory_for',
-                      lambda temp_bytes: temp_sizes.append(temp_bytes))
+def test_train_steps_keep_host_memory(fresh_policy, monkeypatch):
+  kept = []
+  monkeypatch.setattr(cpu_runtime, 'keep_freed_memory',
+                      lambda: kept.append(True))
   config = quickstart.get_config()
   config.model.width = 0.125
   exp = experiment.Experiment(config)
@@ -245,7 +234,12 @@ def test_train_step_sets_host_memory_for_its_temporaries(fresh_policy,
   for _ in range(2):
     state, metrics = exp.train_step(state, next(iterator))
     losses.append(float(metrics['loss']))
-  # Before each step, with the size XLA reported when it compiled.
-  assert len(temp_sizes) == 2 and temp_sizes[0] == temp_sizes[1] > 0, (
-      temp_sizes)
+  assert len(kept) == 2
+  # The train loop's compiled step too.
+  accumulator = exp.new_accumulator()
+  step_fn = exp.compile_loop_step(state, accumulator)
+  state, accumulator, _ = step_fn(state, exp.shard_batch(next(iterator)),
+                                  accumulator)
+  losses.append(float(accumulator['sums']['loss']))
+  assert len(kept) == 3
   assert np.all(np.isfinite(losses))
