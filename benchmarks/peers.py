@@ -15,6 +15,11 @@ subprocess, benchmarks/peers_timm.py, driven over stdin/stdout, with the same
 recipe, dropout and drop-path rates, and torch threads = the CPUs this
 process may use.
 
+Each timed measurement follows a pause (--settle_seconds) and untimed
+warm-up steps (--warmup_steps) of the same side. After its measurement ours
+gives back the host memory its CPU steps keep (nfnets/cpu_runtime.py): on a
+VM, an idle process holding it made timm's steps 20-30% slower.
+
   bash benchmarks/setup_peers.sh        # once
   python benchmarks/peers.py --image_sizes=64,224 --batch=32 --rounds=5 \
       --steps=3
@@ -30,6 +35,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +43,7 @@ import numpy as np
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 import experiment  # pylint: disable=g-import-not-at-top
+from nfnets import cpu_runtime  # pylint: disable=g-import-not-at-top
 from nfnets import errors  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 
@@ -53,6 +60,11 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds; the table '
                                'shows medians over rounds.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed measurement '
                               '(after one untimed warm-up step per case).')
+_WARMUP = flags.DEFINE_integer(
+    'warmup_steps', 1, 'Untimed steps right before each timed measurement, '
+    'both sides: each is timed in its steady state (ours reuses the host '
+    'memory it keeps between steps, which it gives back before the peer '
+    'runs).')
 _SETTLE = flags.DEFINE_float(
     'settle_seconds', 5.0, 'Pause before each timed measurement, so that '
     'the other side\'s worker threads (torch\'s OpenMP threads spin after '
@@ -73,7 +85,8 @@ def _load_config(name: str):
 
 
 def validate(config, sizes, modes, batch: int, rounds: int, steps: int,
-             peer_python: str, settle_seconds: float = 0.0) -> None:
+             peer_python: str, settle_seconds: float = 0.0,
+             warmup_steps: int = 0) -> None:
   """Every check that needs no compute; ValueError naming the bad value."""
   unknown = sorted(set(modes) - set(MODES))
   if unknown or not modes:
@@ -83,6 +96,8 @@ def validate(config, sizes, modes, batch: int, rounds: int, steps: int,
       raise ValueError(f'--{name} must be >= 1, got {value}.')
   if settle_seconds < 0:
     raise ValueError(f'--settle_seconds must be >= 0, got {settle_seconds:g}.')
+  if warmup_steps < 0:
+    raise ValueError(f'--warmup_steps must be >= 0, got {warmup_steps}.')
   if batch % jax.device_count():
     raise ValueError(f'--batch {batch} is not divisible by the '
                      f'{jax.device_count()} devices; use a multiple of '
@@ -153,6 +168,11 @@ class Ours:
     jax.block_until_ready(logits)
     return time.perf_counter() - start
 
+  def hand_over(self) -> None:
+    """Before the peer runs: gives back the host memory our steps keep
+    (nfnets/cpu_runtime.py), which on a VM slowed the peer by 20-30%."""
+    cpu_runtime.release_kept_memory()
+
 
 class Peer:
   """benchmarks/peers_timm.py running in the peer environment."""
@@ -187,6 +207,9 @@ class Peer:
   def forward(self, size: int, steps: int) -> float:
     return self._time('forward', size, steps)
 
+  def hand_over(self) -> None:
+    """Before our runs: nothing held (timm frees its step memory)."""
+
   def close(self) -> None:
     if self.process.poll() is None:
       self.process.stdin.write('quit\n')
@@ -210,7 +233,7 @@ def table(rates: dict, cases, batch: int, model_name: str,
 
 
 def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
-        timm_model, settle_seconds) -> str:
+        timm_model, settle_seconds, warmup_steps) -> str:
   """Times every (mode, size) case; returns the header and markdown table."""
   threads = len(os.sched_getaffinity(0))
   peer = Peer(peer_python, timm_model, batch, threads,
@@ -232,7 +255,10 @@ def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
       for mode, size in cases:
         for who, model in order:
           time.sleep(settle_seconds)
+          if warmup_steps:  # untimed: each side timed in its steady state
+            getattr(model, mode)(size, warmup_steps)
           seconds = getattr(model, mode)(size, steps)
+          model.hand_over()
           rates.setdefault((mode, size, who), []).append(
               batch * steps / seconds)
       print(f'round {round_index + 1}/{rounds}: ' + ', '.join(
@@ -246,13 +272,15 @@ def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
       f'CPUs; jax {jax.__version__}, XLA_FLAGS='
       f'{os.environ.get("XLA_FLAGS", "")!r}; torch {peer.info["torch"]} '
       f'({peer.info["threads"]} threads), timm {peer.info["timm"]}; medians '
-      f'of {rounds} alternating rounds of {steps} steps, '
-      f'{settle_seconds:g} s pause before each')
+      f'of {rounds} alternating rounds of {steps} steps, each after '
+      f'{warmup_steps} untimed and a {settle_seconds:g} s pause')
   return header + '\n\n' + table(rates, cases, batch, title, timm_model)
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # JAX's backend-probe INFO lines
+    logging.set_verbosity(logging.WARNING)
   try:
     config = _load_config(_CONFIG.value)
     if not all(s.isdigit() for s in _SIZES.value):
@@ -260,14 +288,14 @@ def main(argv):
                        'numbers of pixels, e.g. 64,224.')
     sizes = [int(s) for s in _SIZES.value]
     validate(config, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
-             _STEPS.value, _PEER_PYTHON.value, _SETTLE.value)
+             _STEPS.value, _PEER_PYTHON.value, _SETTLE.value, _WARMUP.value)
   except ValueError as e:
     print(f'peers.py: {e}', file=sys.stderr)
     sys.exit(errors.USER_ERROR_EXIT_CODE)
   title = {'nf_resnet50': 'NF-ResNet-50'}.get(_CONFIG.value, _CONFIG.value)
   print(run(config, title, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
             _STEPS.value, _PEER_PYTHON.value, _TIMM_MODEL.value,
-            _SETTLE.value))
+            _SETTLE.value, _WARMUP.value))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""benchmarks/gpu.py refuses bad input with one line before compiling."""
+"""benchmarks/gpu.py and peers.py refuse bad input with one line before
+compiling."""
 
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 import pytest
 
 _GPU = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'gpu.py')
+_PEERS = os.path.join(os.path.dirname(__file__), '..', 'benchmarks',
+                      'peers.py')
 
 
 @pytest.mark.parametrize('args, devices, message', [
@@ -27,3 +30,20 @@ def test_bad_input_is_refused_in_one_line(args, devices, message):
   assert result.stderr.strip().count('\n') == 0, result.stderr
   assert message in result.stderr
   assert result.stdout == ''
+
+
+@pytest.mark.parametrize('args, devices, message', [
+    (['--config=nope'], 1, "Unknown config 'nope'"),
+    (['--warmup_steps=-1'], 1, '--warmup_steps must be >= 0, got -1'),
+    (['--batch=7'], 2, '--batch 7 is not divisible by the 2 devices'),
+])
+def test_peers_refuses_bad_input_in_one_line(args, devices, message):
+  env = dict(os.environ,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  # A peer Python that does not exist: only reached if every check passed.
+  result = subprocess.run(
+      [sys.executable, _PEERS, '--peer_python=/nonexistent', *args],
+      capture_output=True, text=True, env=env, timeout=120, check=False)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert message in result.stderr
