@@ -23,8 +23,8 @@ the standard library at the top, and jax inside `run_computations_inline`.
    fresh mmap and unmaps it when it is freed, so every step page-faulted
    all of it in again: 88,700 minor faults per step at 64 px, 800,000 at
    224 px. With mmap and heap trimming off, freed blocks are reused: about
-   zero faults per step at 64 px, and the step 11-21% faster at 64 px and
-   8-20% at 224 px. Those settings only govern glibc's main arena; a
+   zero faults per step at 64 px, and the step 1.11-1.21x as fast at 64 px
+   and 1.18-1.21x at 224 px. Those settings only govern glibc's main arena; a
    thread's own arena mmaps any block over its 64 MB heaps whatever they
    say. So JAX runs single-device CPU computations inline, on the calling
    thread (`jax_cpu_enable_async_dispatch=False`), and a train step is
