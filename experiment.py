@@ -117,6 +117,11 @@ class Experiment:
     validate_config(config, len(devices))
     self.config = config
     self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    # Only single-device computations run inline (on this thread), where
+    # the host memory a CPU step frees can be kept for the next one.
+    self._keep_host_memory = (cpu_runtime.computations_run_inline()
+                              and len(devices) == 1
+                              and jax.process_count() == 1)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
     self.compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
@@ -269,7 +274,7 @@ class Experiment:
     """One optimizer step on a process-local batch; donates state."""
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
-      if cpu_runtime.computations_run_inline():
+      if self._keep_host_memory:
         return self._run_keeping_host_memory(self._train_step, state, batch)
       return self._train_step(state, batch)
 
@@ -308,8 +313,9 @@ class Experiment:
 
   def compile_loop_step(self, state, accumulator):
     """The loop's step, compiled ahead of time for these shapes:
-    (state, device batch, accumulator) -> (state, accumulator, done); on
-    CPU it keeps host memory between steps (`train_step`)."""
+    a callable (state, device batch, accumulator) -> (state, accumulator,
+    done): the compiled program, or on one CPU device a wrapper that keeps
+    host memory between steps (`train_step`)."""
     local = data.local_batch_size(self.config.train.batch_size)
     size = self.config.data.image_size
     batch = {
@@ -321,7 +327,7 @@ class Experiment:
     with jax.set_mesh(self.mesh):
       compiled = self._train_step_accumulate.lower(state, batch,
                                                    accumulator).compile()
-    if not cpu_runtime.computations_run_inline():
+    if not self._keep_host_memory:
       return compiled
     return functools.partial(self._run_keeping_host_memory, compiled)
 

@@ -59,7 +59,7 @@ _BATCH = flags.DEFINE_integer('batch', 32, 'Batch size.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating rounds; the table '
                                'shows medians over rounds.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed measurement '
-                              '(after one untimed warm-up step per case).')
+                              '(every case compiles first, untimed).')
 _WARMUP = flags.DEFINE_integer(
     'warmup_steps', 1, 'Untimed steps right before each timed measurement, '
     'both sides: each is timed in its steady state (ours reuses the host '
@@ -272,8 +272,8 @@ def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
       f'CPUs; jax {jax.__version__}, XLA_FLAGS='
       f'{os.environ.get("XLA_FLAGS", "")!r}; torch {peer.info["torch"]} '
       f'({peer.info["threads"]} threads), timm {peer.info["timm"]}; medians '
-      f'of {rounds} alternating rounds of {steps} steps, each after '
-      f'{warmup_steps} untimed and a {settle_seconds:g} s pause')
+      f'of {rounds} alternating rounds of {steps} steps, each after a '
+      f'{settle_seconds:g} s pause and {warmup_steps} untimed step(s)')
   return header + '\n\n' + table(rates, cases, batch, title, timm_model)
 
 

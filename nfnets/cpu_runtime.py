@@ -24,11 +24,13 @@ the standard library at the top, and jax inside `run_computations_inline`.
    all of it in again: 88,700 minor faults per step at 64 px, 800,000 at
    224 px. With mmap and heap trimming off, freed blocks are reused: about
    zero faults per step at 64 px, and the step 1.11-1.21x as fast at 64 px
-   and 1.18-1.21x at 224 px. Those settings only govern glibc's main arena; a
+   and 1.18-1.21x at 224 px. The settings are process-wide, but only
+   glibc's main arena serves blocks of hundreds of MB from its heap: a
    thread's own arena mmaps any block over its 64 MB heaps whatever they
    say. So JAX runs single-device CPU computations inline, on the calling
-   thread (`jax_cpu_enable_async_dispatch=False`), and a train step is
-   called with its inputs ready (else XLA defers it to a worker thread).
+   thread (`jax_cpu_enable_async_dispatch=False`), and a single-device
+   train step is called with its inputs ready (else XLA defers it to a
+   worker thread).
    On by default; NFNETS_KEEP_HOST_MEMORY=0 turns both off. Only on Linux
    with glibc and when JAX can only run on the CPU (an accelerator keeps
    the working memory on the device). An earlier form put every thread on
@@ -61,7 +63,6 @@ _KEEP_FREED_MEMORY = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1}
 # kept: whether glibc is set to keep freed memory. inline: whether
 # run_computations_inline switched JAX's CPU dispatch to the calling thread.
 _host_memory = {'kept': False, 'inline': False}
-ASYNC_DISPATCH_ENV_VAR = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
 
 
 def switched_on(env_var: str, default: bool = True) -> bool:
@@ -149,18 +150,18 @@ def run_computations_inline() -> bool:
   """Makes JAX run single-device CPU computations on the calling thread;
   True if it did (or had done).
 
-  The calling thread allocates from glibc's main arena, which
-  `keep_freed_memory_for` can set; XLA's worker threads have arenas of
-  their own that always mmap large blocks. JAX reads the option when it
-  creates its CPU backend, so this must run before that (on import).
-  Changes nothing when the setting does not apply, when the user set
-  JAX_CPU_ENABLE_ASYNC_DISPATCH (their choice wins) or when a backend
-  already exists.
+  The calling thread allocates from glibc's main arena, which can serve a
+  block of any size from its heap once `keep_freed_memory` is set; XLA's
+  worker threads have arenas of their own, whose heaps are 64 MB, and
+  those mmap larger blocks whatever the settings. JAX reads the option
+  when it creates its CPU backend, so this must run before that (on
+  import). It is process-wide: eval, SPP and user code run inline too.
+  Changes nothing when the setting does not apply
+  (NFNETS_KEEP_HOST_MEMORY=0 opts out) or when a backend already exists.
   """
   if _host_memory['inline']:
     return True
-  if (not host_memory_setting_applies()
-      or ASYNC_DISPATCH_ENV_VAR in os.environ or _backends_initialized()):
+  if not host_memory_setting_applies() or _backends_initialized():
     return False
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_cpu_enable_async_dispatch', False)
@@ -197,7 +198,7 @@ def keep_freed_memory() -> bool:
 
 def release_kept_memory() -> bool:
   """Gives the free memory glibc kept back to the system (malloc_trim);
-  True if there was a setting to undo. `keep_freed_memory` stays in force:
+  True if memory was being kept (now trimmed). The settings stay:
   the next step faults its temporaries in once, then reuses them again.
 
   For a process that hands the machine to another one for a while
