@@ -30,12 +30,11 @@ the standard library at the top, and jax inside `run_computations_inline`.
    say. So JAX runs single-device CPU computations inline, on the calling
    thread (`jax_cpu_enable_async_dispatch=False`), and a single-device
    train step is called with its inputs ready (else XLA defers it to a
-   worker thread).
-   On by default; NFNETS_KEEP_HOST_MEMORY=0 turns both off. Only on Linux
-   with glibc and when JAX can only run on the CPU (an accelerator keeps
-   the working memory on the device). An earlier form put every thread on
-   the main arena instead (M_ARENA_MAX=1): that slowed the MNIST
-   quickstart's training from 16 to 24-27 s, so it was opt-in.
+   worker thread). On by default; NFNETS_KEEP_HOST_MEMORY=0 turns both
+   off. Only on Linux with glibc and when JAX can only run on the CPU (an
+   accelerator keeps the working memory on the device). An earlier form
+   put every thread on the main arena instead (M_ARENA_MAX=1): that slowed
+   the MNIST quickstart's training from 16 to 24-27 s, so it was opt-in.
 """
 
 import ctypes
@@ -185,7 +184,8 @@ def keep_freed_memory() -> bool:
   Only the first call changes anything. Does nothing unless
   `run_computations_inline` took effect: the step must be called with
   ready inputs, so that XLA allocates its temporaries on the calling thread
-  (glibc's main arena, which these settings govern).
+  (glibc's main arena, the one that serves blocks that large from its heap
+  under these settings).
   """
   if not computations_run_inline():
     return False
