@@ -148,9 +148,16 @@ class Experiment:
         config.optim, batch, self.total_steps, self.steps_per_epoch)
     self.optimizer = optim.make_optimizer(config.optim, self.schedule)
 
+    # On a mesh of one device the local gradient is the global one. With
+    # varying-axis checks, shard_map's transpose still sums it over the
+    # one-device group, and XLA keeps that all-reduce: a copy of every
+    # gradient and a barrier between the backward pass and the optimizer
+    # (3.5% of a 64 px NF-ResNet-50 CPU step). Without the checks the
+    # gradient stays local; nothing else in the step depends on them.
     self._per_device_train_step = jax.shard_map(
         self._train_step_per_device, mesh=self.mesh,
-        in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+        in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+        check_vma=self.mesh.size > 1)
     self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
@@ -245,7 +252,8 @@ class Experiment:
           logits, targets, config.optim.label_smoothing).mean()
       # The global-batch mean. Differentiating it with respect to the
       # replicated parameters gives the global gradient, already summed over
-      # the mesh by shard_map's transpose rules (no explicit pmean needed).
+      # the mesh by shard_map's transpose rules (no explicit pmean needed;
+      # on one device there is nothing to sum, see __init__).
       return jax.lax.pmean(loss, AXIS), (logits, bn_state)
 
     (loss, (logits, bn_state)), grads = jax.value_and_grad(

@@ -58,14 +58,27 @@ def _final_params(workdir, config):
   return checkpointing.to_host(state), data_state
 
 
-MULTI_DEVICE_SCRIPT = textwrap.dedent('''
-  import json, sys
+MULTI_DEVICE_SCRIPT = textwrap.dedent(r'''
+  import json, math, re, sys
   import jax, numpy as np
   sys.path.insert(0, '.')
   import experiment
   from configs import quickstart
   from nfnets import data
   assert jax.device_count() == 8, jax.devices()
+
+  def largest_all_reduce(exp, state, batch):
+    """Elements in the largest all-reduce of the compiled train step."""
+    with jax.set_mesh(exp.mesh):
+      text = exp._train_step.lower(state, exp.shard_batch(batch)).compile(
+          ).as_text()
+    sizes = [0]
+    for line in text.splitlines():
+      found = re.search(r'=(.*) all-reduce(-start)?\(', line)
+      for dims in re.findall(r'\[([\d,]*)\]', found[1] if found else ''):
+        sizes.append(math.prod(int(d) for d in dims.split(',') if d))
+    return max(sizes)
+
   result = {}
   final = {}
   for name, model, mixed in (('nf_resnet', 'nf_resnet', False),
@@ -87,6 +100,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     for devices in (jax.devices(), jax.devices()[:1]):
       exp = experiment.Experiment(config, devices=devices)
       state = exp.init_state()
+      if name == 'nf_resnet':
+        result[f'all_reduce_{len(devices)}'] = largest_all_reduce(
+            exp, state, batches[0])
       for batch in batches:
         state, metrics = exp.train_step(state, batch)
       params.append(jax.tree.map(np.asarray, state['params']))
@@ -130,6 +146,10 @@ def test_eight_devices_equal_one_device():
   assert values['bn_resnet'] < 3e-5, values
   assert values['nf_mixup_cutmix'] < 3e-5, values
   assert values['mixing_moves_params'] > 1e-3, values
+  # Gradients are summed over 8 devices; on one there is nothing to sum and
+  # only scalars (loss, metrics) pass through an all-reduce.
+  assert values['all_reduce_8'] > 10_000, values
+  assert values['all_reduce_1'] <= 1, values
   assert 'not divisible by the 8 devices' in values['bad_batch']
 
 
