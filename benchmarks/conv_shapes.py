@@ -22,13 +22,11 @@ machine; --reps=0 skips the per-shape table.
 """
 
 import collections
-import importlib
 import os
 import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.extend
@@ -38,7 +36,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 '..'))
 import experiment  # pylint: disable=g-import-not-at-top
+import train_loop  # pylint: disable=g-import-not-at-top
+from nfnets import cli  # pylint: disable=g-import-not-at-top
 from nfnets import conv  # pylint: disable=g-import-not-at-top
+from nfnets import errors  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 
 _CONFIG = flags.DEFINE_string('config', 'nf_resnet50', 'Config under configs/.')
@@ -148,15 +149,21 @@ def _restore_impl(user_setting: str | None) -> None:
   conv.configured_impl.cache_clear()
 
 
-def compare_steps(config, image_size: int, batch: int, rounds: int,
-                  steps: int) -> None:
-  """Prints train step and forward images/s, plain vs auto, alternated."""
+def _step_config(config, image_size: int, batch: int):
+  """The config on fake data at this size and batch, float32."""
   config = config.copy_and_resolve_references()
   config.data.update(dict(name='fake', image_size=image_size, num_workers=0,
                           fake_train_size=batch, fake_eval_size=batch))
   config.train.update(dict(batch_size=batch, eval_batch_size=batch,
                            steps=1000))
   config.compute_dtype = 'float32'
+  return config
+
+
+def compare_steps(config, image_size: int, batch: int, rounds: int,
+                  steps: int) -> None:
+  """Prints train step and forward images/s, plain vs auto, alternated."""
+  config = _step_config(config, image_size, batch)
   rng = np.random.default_rng(0)
   train_batch = {
       'images': rng.integers(0, 256, (batch, image_size, image_size, 3),
@@ -214,13 +221,21 @@ def main(argv):
   del argv
   for mode in _MODES.value:
     if mode not in ('forward', 'backward'):
-      raise app.UsageError(f'--modes: unknown {mode!r}; allowed: forward, '
-                           'backward.')
+      raise errors.UserError(f'--modes: unknown {mode!r}; allowed: forward, '
+                             'backward.')
   for impl in _IMPLS.value:
     if impl not in ('plain', 'im2col', 'auto'):
-      raise app.UsageError(f'--impls: unknown {impl!r}; allowed: plain, '
-                           'im2col, auto.')
-  config = importlib.import_module(f'configs.{_CONFIG.value}').get_config()
+      raise errors.UserError(f'--impls: unknown {impl!r}; allowed: plain, '
+                             'im2col, auto.')
+  config = train_loop.load_config(_CONFIG.value)
+  try:
+    models.check_image_size(config.model, _SIZE.value)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
+  if _STEP_ROUNDS.value > 0 and _STEPS.value < 1:
+    raise errors.UserError(f'--steps must be >= 1, got {_STEPS.value}.')
+  if _STEP_ROUNDS.value > 0:  # before any compilation
+    experiment.validate_config(_step_config(config, _SIZE.value, _BATCH.value))
   if _REPS.value > 0:
     conv_table(config)
   if _STEP_ROUNDS.value > 0:
@@ -261,4 +276,4 @@ def conv_table(config) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

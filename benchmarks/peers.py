@@ -25,7 +25,6 @@ VM, an idle process holding it made timm's steps 20-30% slower.
       --steps=3
 """
 
-import importlib
 import json
 import os
 import statistics
@@ -43,6 +42,7 @@ import numpy as np
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 import experiment  # pylint: disable=g-import-not-at-top
+import train_loop  # pylint: disable=g-import-not-at-top
 from nfnets import cpu_runtime  # pylint: disable=g-import-not-at-top
 from nfnets import errors  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
@@ -72,16 +72,6 @@ _SETTLE = flags.DEFINE_float(
 _PEER_PYTHON = flags.DEFINE_string(
     'peer_python', os.path.join(_ROOT, '.venv-peers', 'bin', 'python'),
     'Python of the peer environment (benchmarks/setup_peers.sh makes it).')
-
-
-def _load_config(name: str):
-  try:
-    module = importlib.import_module(f'configs.{name}')
-  except ModuleNotFoundError:
-    available = sorted(f[:-3] for f in os.listdir(os.path.join(_ROOT, 'configs'))
-                       if f.endswith('.py') and not f.startswith('_'))
-    raise ValueError(f'Unknown config {name!r}; allowed: {available}.') from None
-  return module.get_config()
 
 
 def validate(config, sizes, modes, batch: int, rounds: int, steps: int,
@@ -282,7 +272,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # JAX's backend-probe INFO lines
     logging.set_verbosity(logging.WARNING)
   try:
-    config = _load_config(_CONFIG.value)
+    config = train_loop.load_config(_CONFIG.value)
     if not all(s.isdigit() for s in _SIZES.value):
       raise ValueError(f'--image_sizes {_SIZES.value}: expected whole '
                        'numbers of pixels, e.g. 64,224.')

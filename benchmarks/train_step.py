@@ -8,18 +8,19 @@ number is the step alone.
       --batch=32 --image_size=224 --steps=3
 """
 
-import importlib
 import os
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-import experiment  # pylint: disable=g-import-not-at-top
+import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nfnets import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIGS = flags.DEFINE_list('configs', ['nf_resnet50', 'bn_resnet50'],
                              'Config modules under configs/.')
@@ -29,15 +30,25 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (after 1 warm-up).')
 _DTYPE = flags.DEFINE_string('compute_dtype', 'float32', 'float32/bfloat16.')
 
 
+def _config(name: str):
+  """configs/<name>.py on fake data at the flags' size, batch and dtype;
+  UserError naming any bad value."""
+  config = train_loop.load_config(name)
+  config.data.update(dict(name='fake', image_size=_SIZE.value,
+                          num_workers=0))
+  config.train.update(dict(batch_size=_BATCH.value, steps=1000))
+  config.compute_dtype = _DTYPE.value
+  experiment.validate_config(config)
+  return config
+
+
 def main(argv):
   del argv
+  if _STEPS.value < 1:
+    raise errors.UserError(f'--steps must be >= 1, got {_STEPS.value}.')
+  configs = {name: _config(name) for name in _CONFIGS.value}  # checks first
   print(f'devices: {jax.devices()}')
-  for name in _CONFIGS.value:
-    config = importlib.import_module(f'configs.{name}').get_config()
-    config.data.update(dict(name='fake', image_size=_SIZE.value,
-                            num_workers=0))
-    config.train.update(dict(batch_size=_BATCH.value, steps=1000))
-    config.compute_dtype = _DTYPE.value
+  for name, config in configs.items():
     exp = experiment.Experiment(config)
     state = exp.init_state()
     rng = np.random.default_rng(0)
@@ -60,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

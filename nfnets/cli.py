@@ -72,7 +72,8 @@ def run(main, required=()) -> None:
       # its writer thread); we report those exceptions ourselves.
       logging.get_absl_logger().addFilter(
           lambda record: '/orbax/' not in record.pathname)
-    if 'config' in flags.FLAGS:
+    if ('config' in flags.FLAGS
+        and flags.FLAGS['config'].flag_type() == 'config object'):
       try:  # config files load lazily: a missing one fails here
         flags.FLAGS.config.keys()
       except Exception as e:  # pylint: disable=broad-except

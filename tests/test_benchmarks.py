@@ -1,5 +1,4 @@
-"""benchmarks/gpu.py and peers.py refuse bad input with one line before
-compiling."""
+"""The benchmarks refuse bad input with one line before compiling."""
 
 import os
 import subprocess
@@ -12,8 +11,11 @@ _BENCHMARKS = os.path.join(os.path.dirname(__file__), '..', 'benchmarks')
 # any case, so it would skip every case instead of compiling for minutes.
 # peers.py: a peer Python that does not exist, only reached if every check
 # passed.
+# train_step.py, conv_shapes.py: the smallest net, no timed repetitions.
 _SAFE_ARGS = {'gpu.py': ['--budget_s=0.001', '--matmul_size=0'],
-              'peers.py': ['--peer_python=/nonexistent']}
+              'peers.py': ['--peer_python=/nonexistent'],
+              'train_step.py': ['--configs=quickstart', '--steps=1'],
+              'conv_shapes.py': ['--config=quickstart', '--reps=1']}
 
 
 @pytest.mark.parametrize('script, args, devices, message', [
@@ -28,6 +30,17 @@ _SAFE_ARGS = {'gpu.py': ['--budget_s=0.001', '--matmul_size=0'],
      '--warmup_steps must be >= 0, got -1'),
     ('peers.py', ['--batch=7'], 2,
      '--batch 7 is not divisible by the 2 devices'),
+    ('train_step.py', ['--configs=quickstart,nope'], 1,
+     "Unknown config 'nope'"),
+    ('train_step.py', ['--batch=7'], 2,
+     'batch_size=7 is not divisible by the 2 devices'),
+    ('train_step.py', ['--image_size=16'], 1,
+     'images must be at least 32 px'),
+    ('conv_shapes.py', ['--config=nope'], 1, "Unknown config 'nope'"),
+    ('conv_shapes.py', ['--batch=7', '--step_rounds=1'], 2,
+     'batch_size=7 is not divisible by the 2 devices'),
+    ('conv_shapes.py', ['--image_size=16'], 1,
+     'images must be at least 32 px'),
 ])
 def test_bad_input_is_refused_in_one_line(script, args, devices, message):
   env = dict(os.environ,
