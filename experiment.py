@@ -127,13 +127,15 @@ class Experiment:
     self.compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
 
     # Same parameters, two BatchNorm settings: statistics averaged over the
-    # mesh axis inside the train step; none outside the mesh (init) and in
-    # eval mode (which uses the moving averages).
+    # mesh axis inside the train step (on one device there is nothing to
+    # average, and XLA would keep each BatchNorm's all-reduce as a barrier);
+    # none outside the mesh (init) and in eval mode (which uses the moving
+    # averages).
     local_config = copy.deepcopy(config.model)
     local_config.bn_axis_name = None
     self.model = models.build(local_config)
     mesh_config = copy.deepcopy(config.model)
-    mesh_config.bn_axis_name = AXIS
+    mesh_config.bn_axis_name = AXIS if self.mesh.size > 1 else None
     self.train_model = models.build(mesh_config)
 
     try:
@@ -152,8 +154,10 @@ class Experiment:
     # varying-axis checks, shard_map's transpose still sums it over the
     # one-device group, and XLA keeps that all-reduce: a copy of every
     # gradient and a barrier between the backward pass and the optimizer
-    # (3.5% of a 64 px NF-ResNet-50 CPU step). Without the checks the
-    # gradient stays local; nothing else in the step depends on them.
+    # (3-4% of an NF-ResNet-50 CPU step). Without the checks the gradient
+    # stays local; nothing else in the step depends on them. Never without
+    # them on more devices: each would then apply its own unsummed gradient
+    # (psum transposes to psum) and the replicas would drift apart.
     self._per_device_train_step = jax.shard_map(
         self._train_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(AXIS)), out_specs=(P(), P()),

@@ -27,7 +27,8 @@ from absl import flags
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+sys.path.insert(0, _ROOT)
 import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -37,15 +38,29 @@ from nfnets import metric_writer  # pylint: disable=g-import-not-at-top,wrong-im
 WARMUP_STEPS = 3
 
 
+def _config_names() -> list[str]:
+  """configs/*.py that define get_config (read as text, not imported)."""
+  folder = os.path.join(_ROOT, 'configs')
+  names = []
+  for file_name in sorted(os.listdir(folder)):
+    if file_name.endswith('.py'):
+      with open(os.path.join(folder, file_name), encoding='utf-8') as f:
+        if 'def get_config(' in f.read():
+          names.append(file_name[:-3])
+  return names
+
+
 def load_config(name: str):
-  """configs/<name>.py's config; UserError if there is no such file."""
+  """configs/<name>.py's config; UserError if there is no such config."""
   try:
     module = importlib.import_module(f'configs.{name}')
   except ModuleNotFoundError as e:
     if e.name not in (f'configs.{name}', 'configs'):
       raise  # a module the config itself imports is missing
-    raise errors.UserError(f'Unknown config {name!r}: no configs/{name}.py.'
-                           ) from None
+    module = None
+  if not hasattr(module, 'get_config'):
+    raise errors.UserError(f'Unknown config {name!r}; allowed: '
+                           f'{", ".join(_config_names())}.')
   return module.get_config()
 
 

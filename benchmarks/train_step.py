@@ -36,7 +36,8 @@ def _config(name: str):
   config = train_loop.load_config(name)
   config.data.update(dict(name='fake', image_size=_SIZE.value,
                           num_workers=0))
-  config.train.update(dict(batch_size=_BATCH.value, steps=1000))
+  config.train.update(dict(batch_size=_BATCH.value,
+                           eval_batch_size=_BATCH.value, steps=1000))
   config.compute_dtype = _DTYPE.value
   experiment.validate_config(config)
   return config
@@ -54,7 +55,8 @@ def main(argv):
     rng = np.random.default_rng(0)
     batch = {'images': rng.integers(0, 256, (_BATCH.value, _SIZE.value,
                                              _SIZE.value, 3), dtype=np.uint8),
-             'labels': rng.integers(0, 1000, (_BATCH.value,), dtype=np.int32)}
+             'labels': rng.integers(0, config.model.num_classes,
+                                    (_BATCH.value,), dtype=np.int32)}
     start = time.time()
     state, metrics = exp.train_step(state, batch)
     jax.block_until_ready(metrics)

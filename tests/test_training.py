@@ -146,8 +146,9 @@ def test_eight_devices_equal_one_device():
   assert values['bn_resnet'] < 3e-5, values
   assert values['nf_mixup_cutmix'] < 3e-5, values
   assert values['mixing_moves_params'] > 1e-3, values
-  # Gradients are summed over 8 devices; on one there is nothing to sum and
-  # only scalars (loss, metrics) pass through an all-reduce.
+  # The NF net's gradients are summed over 8 devices; on one there is
+  # nothing to sum and only scalars (loss, metrics) pass through an
+  # all-reduce.
   assert values['all_reduce_8'] > 10_000, values
   assert values['all_reduce_1'] <= 1, values
   assert 'not divisible by the 8 devices' in values['bad_batch']
