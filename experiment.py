@@ -117,25 +117,25 @@ class Experiment:
     validate_config(config, len(devices))
     self.config = config
     self.mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    # One device: no sums or averages over devices in the train step (XLA
+    # keeps even a one-device all-reduce, as a copy and a barrier).
+    one_device = self.mesh.size == 1
     # Only single-device computations run inline (on this thread), where
     # the host memory a CPU step frees can be kept for the next one.
     self._keep_host_memory = (cpu_runtime.computations_run_inline()
-                              and len(devices) == 1
-                              and jax.process_count() == 1)
+                              and one_device and jax.process_count() == 1)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(AXIS))
     self.compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
 
     # Same parameters, two BatchNorm settings: statistics averaged over the
-    # mesh axis inside the train step (on one device there is nothing to
-    # average, and XLA would keep each BatchNorm's all-reduce as a barrier);
-    # none outside the mesh (init) and in eval mode (which uses the moving
-    # averages).
+    # mesh axis inside the train step (unless on one device); none outside
+    # the mesh (init) and in eval mode (which uses the moving averages).
     local_config = copy.deepcopy(config.model)
     local_config.bn_axis_name = None
     self.model = models.build(local_config)
     mesh_config = copy.deepcopy(config.model)
-    mesh_config.bn_axis_name = AXIS if self.mesh.size > 1 else None
+    mesh_config.bn_axis_name = None if one_device else AXIS
     self.train_model = models.build(mesh_config)
 
     try:
@@ -150,18 +150,17 @@ class Experiment:
         config.optim, batch, self.total_steps, self.steps_per_epoch)
     self.optimizer = optim.make_optimizer(config.optim, self.schedule)
 
-    # On a mesh of one device the local gradient is the global one. With
-    # varying-axis checks, shard_map's transpose still sums it over the
-    # one-device group, and XLA keeps that all-reduce: a copy of every
-    # gradient and a barrier between the backward pass and the optimizer
-    # (3-4% of an NF-ResNet-50 CPU step). Without the checks the gradient
-    # stays local; nothing else in the step depends on them. Never without
-    # them on more devices: each would then apply its own unsummed gradient
-    # (psum transposes to psum) and the replicas would drift apart.
+    # On one device the local gradient is the global one. With varying-axis
+    # checks, shard_map's transpose still sums it over the one-device group
+    # (a copy of every gradient and a barrier before the optimizer: 3-4% of
+    # an NF-ResNet-50 CPU step). Without the checks it stays local; nothing
+    # else in the step depends on them. Never without them on more devices:
+    # each would then apply its own unsummed gradient (psum transposes to
+    # psum) and the replicas would drift apart.
     self._per_device_train_step = jax.shard_map(
         self._train_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-        check_vma=self.mesh.size > 1)
+        check_vma=not one_device)
     self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))

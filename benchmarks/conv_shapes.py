@@ -232,9 +232,9 @@ def main(argv):
     models.check_image_size(config.model, _SIZE.value)
   except ValueError as e:
     raise errors.UserError(str(e)) from None
-  if _STEP_ROUNDS.value > 0 and _STEPS.value < 1:
-    raise errors.UserError(f'--steps must be >= 1, got {_STEPS.value}.')
   if _STEP_ROUNDS.value > 0:  # before any compilation
+    if _STEPS.value < 1:
+      raise errors.UserError(f'--steps must be >= 1, got {_STEPS.value}.')
     experiment.validate_config(_step_config(config, _SIZE.value, _BATCH.value))
   if _REPS.value > 0:
     conv_table(config)
