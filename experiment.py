@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from nfnets import checkpointing
 from nfnets import counting
-from nfnets import cpu_runtime
+from nfnets.cpu import runtime as cpu_runtime
 from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
@@ -292,7 +292,7 @@ class Experiment:
   @staticmethod
   def _run_keeping_host_memory(step, *inputs):
     """step(*inputs), reusing host memory between steps (CPU,
-    nfnets/cpu_runtime.py). Ready inputs let XLA run it on this thread,
+    nfnets/cpu/runtime.py). Ready inputs let XLA run it on this thread,
     whose malloc arena keeps the memory; with pending ones it would defer
     the step to a worker thread."""
     cpu_runtime.keep_freed_memory()

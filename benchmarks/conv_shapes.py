@@ -1,15 +1,15 @@
-"""Per-convolution CPU timing of a model: lax conv vs nfnets/conv.py rewrites.
+"""Per-convolution CPU timing of a model: lax conv vs nfnets/cpu/conv.py rewrites.
 
 Traces the model's training forward pass, collects every convolution (shape,
 kernel, stride, padding, how many times it runs per step, counting scanned
 blocks), then times each distinct one alone, jitted, as forward only and as
 backward only (gradients wrt input and kernel for a given output cotangent;
 a train step runs both), with `lax.conv_general_dilated` (plain),
-`nfnets.conv.im2col_conv2d` (im2col) and `nfnets.conv.conv2d` as
+`nfnets.cpu.conv.im2col_conv2d` (im2col) and `nfnets.cpu.conv.conv2d` as
 NFNETS_CONV_IMPL=auto chooses (auto). Prints one
 row per shape (ms per call, median of --reps calls after a warm-up) and the
 per-step totals, which say where a train step's convolution time goes and
-which shapes the im2col rule in nfnets/conv.py should take.
+which shapes the im2col rule in nfnets/cpu/conv.py should take.
 
 With --step_rounds=N it then times the whole train step (experiment.Experiment,
 as benchmarks/train_step.py) and the eval-mode forward pass with
@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
 import experiment  # pylint: disable=g-import-not-at-top
 import train_loop  # pylint: disable=g-import-not-at-top
 from nfnets import cli  # pylint: disable=g-import-not-at-top
-from nfnets import conv  # pylint: disable=g-import-not-at-top
+from nfnets import ops  # pylint: disable=g-import-not-at-top
+from nfnets.cpu import conv  # pylint: disable=g-import-not-at-top
 from nfnets import errors  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 
@@ -64,7 +65,7 @@ ConvShape = collections.namedtuple(
 def model_convolutions(config, image_size: int, batch: int) -> dict:
   """{ConvShape: times run per forward pass} from the traced model (traced
   with NFNETS_CONV_IMPL=plain, so that every convolution shows up as one)."""
-  user_setting = os.environ.get(conv.IMPL_ENV_VAR)
+  user_setting = os.environ.get(ops.IMPL_ENV_VAR)
   _set_impl('plain')
   try:
     return _model_convolutions(config, image_size, batch)
@@ -137,16 +138,16 @@ def time_case(shape: ConvShape, impl: str, mode: str, reps: int) -> float:
 
 
 def _set_impl(impl: str) -> None:
-  os.environ[conv.IMPL_ENV_VAR] = impl
-  conv.configured_impl.cache_clear()  # read again at the next trace
+  os.environ[ops.IMPL_ENV_VAR] = impl
+  ops.configured_impl.cache_clear()  # read again at the next trace
 
 
 def _restore_impl(user_setting: str | None) -> None:
   if user_setting is None:
-    os.environ.pop(conv.IMPL_ENV_VAR, None)
+    os.environ.pop(ops.IMPL_ENV_VAR, None)
   else:
-    os.environ[conv.IMPL_ENV_VAR] = user_setting
-  conv.configured_impl.cache_clear()
+    os.environ[ops.IMPL_ENV_VAR] = user_setting
+  ops.configured_impl.cache_clear()
 
 
 def _step_config(config, image_size: int, batch: int):
@@ -173,7 +174,7 @@ def compare_steps(config, image_size: int, batch: int, rounds: int,
   images = jnp.asarray(rng.standard_normal(
       (batch, image_size, image_size, 3), dtype=np.float32))
   cases = {}
-  user_setting = os.environ.get(conv.IMPL_ENV_VAR)
+  user_setting = os.environ.get(ops.IMPL_ENV_VAR)
   for impl in ('plain', 'auto'):
     _set_impl(impl)  # the jitted functions are traced (and fixed) here
     exp = experiment.Experiment(config)

@@ -17,7 +17,7 @@ process may use.
 
 Each timed measurement follows a pause (--settle_seconds) and untimed
 warm-up steps (--warmup_steps) of the same side. After its measurement ours
-gives back the host memory its CPU steps keep (nfnets/cpu_runtime.py): on a
+gives back the host memory its CPU steps keep (nfnets/cpu/runtime.py): on a
 VM, an idle process holding it made timm's steps 20-30% slower.
 
   bash benchmarks/setup_peers.sh        # once
@@ -43,7 +43,7 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 sys.path.insert(0, _ROOT)
 import experiment  # pylint: disable=g-import-not-at-top
 import train_loop  # pylint: disable=g-import-not-at-top
-from nfnets import cpu_runtime  # pylint: disable=g-import-not-at-top
+from nfnets.cpu import runtime as cpu_runtime  # pylint: disable=g-import-not-at-top
 from nfnets import errors  # pylint: disable=g-import-not-at-top
 from nfnets import models  # pylint: disable=g-import-not-at-top
 
@@ -160,7 +160,7 @@ class Ours:
 
   def hand_over(self) -> None:
     """Before the peer runs: gives back the host memory our steps keep
-    (nfnets/cpu_runtime.py), which on a VM slowed the peer by 20-30%."""
+    (nfnets/cpu/runtime.py), which on a VM slowed the peer by 20-30%."""
     cpu_runtime.release_kept_memory()
 
 

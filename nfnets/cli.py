@@ -1,5 +1,6 @@
-"""What the command-line scripts share: config mistakes and other user
-errors as one or two lines without a traceback, library INFO logs off.
+"""What the command-line scripts share: the CPU process settings applied
+first (logged with --verbosity=1), config mistakes and other user errors as
+one or two lines without a traceback, library INFO logs off.
 
   if __name__ == '__main__':
     cli.run(main, required=['config', 'workdir'])
@@ -19,6 +20,7 @@ from absl import logging
 import ml_collections
 
 from nfnets import errors
+from nfnets.cpu import runtime as cpu_runtime
 
 
 def _fail(message: str, code: int = errors.USER_ERROR_EXIT_CODE):
@@ -66,6 +68,8 @@ def run(main, required=()) -> None:
   flags.mark_flags_as_required(list(required))
 
   def wrapped(argv):
+    for setting in cpu_runtime.configure_process():
+      logging.debug('CPU process setting: %s', setting)
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs ~40 lines/save
       # orbax also logs the errors it raises (a full disk: 100+ lines from

@@ -1,121 +1,45 @@
-"""Layers shared by every model: convolutions, max pooling, squeeze-excite,
-stochastic depth."""
+"""Layers shared by every model: the convolution and Scaled Weight
+Standardization, max pooling, BatchNorm, squeeze-excite, stochastic depth
+and the classifier head.
 
-import functools
+The primitives marked `@ops.replaceable` are written as their formulas; on
+CPU, `nfnets.ops` swaps in faster forms of the same sums (package
+`nfnets.cpu`).
+"""
+
 from typing import Sequence
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from nfnets import conv
+from nfnets import ops
+
+DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-  return (value, value) if isinstance(value, int) else tuple(value)
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+  """(h, w) from an int or a pair of ints, all >= 1; ValueError naming
+  `name` and the value otherwise."""
+  pair = (value, value) if isinstance(value, int) else tuple(value)
+  if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):
+    raise ValueError(f'{name} must be a positive int or a pair of them '
+                     f'(H, W), got {value!r}.')
+  return pair
 
 
-def cpu_reduction_forms() -> bool:
-  """Whether `standardize_weight`, `add_bias` and `max_pool` take their
-  CPU forms.
-
-  True on CPU (`jax.default_backend()` when traced) unless
-  NFNETS_CONV_IMPL=plain (nfnets.conv), which rules every rewrite out.
-  XLA:CPU (jax 0.10.2) turns a sum over leading axes into reduce-window ops
-  (its tree-reduction pass) or a slow column reduction: in an NF-ResNet-50
-  train step at 64 px those sums (weight standardization forward and
-  backward, bias gradients) took about a third of the step, against a few
-  ms as matmuls with a row of ones (weight standardization, fan-in rows)
-  or `channel_sums` (bias gradients).
-  """
-  return conv.configured_impl() == 'auto' and jax.default_backend() == 'cpu'
+@ops.replaceable
+def conv2d(x: jax.Array, weight: jax.Array, stride: tuple[int, int],
+           padding: str, feature_group_count: int) -> jax.Array:
+  """x [N, H, W, C_in] convolved with weight [kh, kw, C_in / groups, C_out]
+  (same dtype) -> [N, H', W', C_out]; padding 'SAME' or 'VALID'."""
+  return jax.lax.conv_general_dilated(
+      x, weight, window_strides=stride, padding=padding,
+      dimension_numbers=DIMENSION_NUMBERS,
+      feature_group_count=feature_group_count)
 
 
-def channel_sums(x: jax.Array) -> jax.Array:
-  """x [..., W, C] -> [C], the sums over every axis but the last, in x.dtype
-  (accumulated in at least float32).
-
-  For batch and signal statistics over N, H, W, and bias gradients. Summed
-  as rows [N*H, W*C] over axis 0, then [W, C] over W. XLA:CPU reduces
-  [N*H*W, C] over its long axis 2-3x slower. A matmul with a row of ones
-  (as `_column_sums`) is as fast but accumulates sequentially: 100x less
-  accurate at 10^5 rows (1.6e-5 against 1.6e-7 relative), which a
-  BatchNorm gradient amplifies.
-  """
-  accumulate = jnp.promote_types(x.dtype, jnp.float32)
-  if x.ndim < 3:
-    sums = jnp.sum(x, axis=tuple(range(x.ndim - 1)), dtype=accumulate)
-  else:
-    width, channels = x.shape[-2:]
-    rows = x.reshape(-1, width * channels)
-    sums = jnp.sum(rows, axis=0, dtype=accumulate).reshape(
-        width, channels).sum(axis=0)
-  return sums.astype(x.dtype)
-
-
-def channel_means(x: jax.Array) -> jax.Array:
-  """x [..., W, C] -> [C], the means over every axis but the last
-  (`channel_sums` / count)."""
-  return channel_sums(x) / (x.size // x.shape[-1])
-
-
-def _column_sums(matrix: jax.Array) -> jax.Array:
-  """[K, C] -> [1, C] in matrix.dtype, the sums over K as one [1, K] x
-  [K, C] matmul, accumulated in at least float32. For fan-in sums (K up to
-  a few thousand: ~2e-6 relative, sequential accumulation)."""
-  accumulate = jnp.promote_types(matrix.dtype, jnp.float32)
-  sums = jax.lax.dot(jnp.ones((1, matrix.shape[0]), matrix.dtype), matrix,
-                     preferred_element_type=accumulate)
-  return sums.astype(matrix.dtype)
-
-
-def standardize_weight_reference(weight: jax.Array, gain: jax.Array,
-                                 eps: float) -> jax.Array:
-  """`standardize_weight` written directly (jnp.mean, jnp.var, autodiff):
-  what runs on GPU and TPU. Same arguments and result."""
-  fan_in = weight.shape[0] * weight.shape[1] * weight.shape[2]
-  mean = jnp.mean(weight, axis=(0, 1, 2), keepdims=True)
-  var = jnp.var(weight, axis=(0, 1, 2), keepdims=True)
-  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
-  return (weight - mean) * scale
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _standardize_columns(weight, gain, eps):
-  return _standardize_columns_fwd(weight, gain, eps)[0]
-
-
-def _standardize_columns_fwd(weight, gain, eps):
-  """weight [fan_in, C_out], gain [1, C_out]: the same two-pass mean and
-  variance as jnp.mean / jnp.var, each sum a matmul."""
-  centered = weight - _column_sums(weight) / weight.shape[0]
-  sum_of_squares = _column_sums(centered * centered)  # fan_in * var
-  inv_std = jax.lax.rsqrt(jnp.maximum(sum_of_squares, eps))
-  return centered * (inv_std * gain), (centered, sum_of_squares, inv_std,
-                                       gain)
-
-
-def _standardize_columns_bwd(eps, residuals, out_grad):
-  """Autodiff's gradient of the forward, with its sums (over fan_in) as
-  matmuls. With c = W - mean, u = sum c^2, r = rsqrt(max(u, eps)),
-  out = c * r * gain: dL/dgain = r sum(g c), dL/dc = g r gain + 2 c
-  sum(g c) gain dr/du, dL/dW = dL/dc - mean(dL/dc)."""
-  centered, sum_of_squares, inv_std, gain = residuals
-  grad_scale = _column_sums(out_grad * centered)  # dL/d(inv_std * gain)
-  # d max(u, eps)/du as jnp.maximum's gradient: 1 above, 1/2 at a tie.
-  above = jnp.where(sum_of_squares > eps, 1.0,
-                    jnp.where(sum_of_squares == eps, 0.5, 0.0))
-  d_inv_std = -0.5 * inv_std**3 * above.astype(inv_std.dtype)
-  centered_grad = (out_grad * (inv_std * gain)
-                   + centered * (2 * grad_scale * gain * d_inv_std))
-  weight_grad = (centered_grad
-                 - _column_sums(centered_grad) / centered.shape[0])
-  return weight_grad, grad_scale * inv_std
-
-
-_standardize_columns.defvjp(_standardize_columns_fwd, _standardize_columns_bwd)
-
-
+@ops.replaceable
 def standardize_weight(weight: jax.Array, gain: jax.Array,
                        eps: float) -> jax.Array:
   """Scaled Weight Standardization of an HWIO kernel.
@@ -124,82 +48,49 @@ def standardize_weight(weight: jax.Array, gain: jax.Array,
   over each output channel's fan-in (axes H, W, I), so every output channel
   has mean 0 and fan_in * Var(W_hat) = gain^2.
 
-  On CPU (`cpu_reduction_forms`) every sum over the fan-in, forward and
-  backward (custom VJP), is a matmul with a row of ones; elsewhere it is
-  `standardize_weight_reference`. Same value and gradients up to float32
-  rounding (tests/test_layers.py).
-
   Args:
     weight: [kh, kw, in_channels // groups, out_channels] float32.
     gain: [out_channels] float32.
-    eps: floor on fan_in * var (the reference code's semantics: a floor, not an
-      additive epsilon). It only matters for kernels that are (nearly)
+    eps: floor on fan_in * var (the reference code's semantics: a floor, not
+      an additive epsilon). It only matters for kernels that are (nearly)
       constant over their fan-in, which it keeps finite.
 
   Returns:
     The standardized kernel, float32, same shape as weight.
   """
-  if not cpu_reduction_forms():
-    return standardize_weight_reference(weight, gain, eps)
-  weight, gain = conv.match_varying(weight, gain)
-  out = _standardize_columns(weight.reshape(-1, weight.shape[-1]),
-                             gain.reshape(1, -1), eps)
-  return out.reshape(weight.shape)
+  fan_in = weight.shape[0] * weight.shape[1] * weight.shape[2]
+  mean = jnp.mean(weight, axis=(0, 1, 2), keepdims=True)
+  var = jnp.var(weight, axis=(0, 1, 2), keepdims=True)
+  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  return (weight - mean) * scale
 
 
-@jax.custom_vjp
-def _add_bias_channel_sums_grad(x, bias):
+@ops.replaceable
+def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [..., C] + bias [C]."""
   return x + bias
 
 
-def _add_bias_fwd(x, bias):
-  return x + bias, None
+@ops.replaceable
+def channel_sums(x: jax.Array) -> jax.Array:
+  """x [..., C] -> [C], the sums over every axis but the last, in x.dtype
+  (accumulated in at least float32)."""
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1)),
+                 dtype=accumulate).astype(x.dtype)
 
 
-def _add_bias_bwd(_, out_grad):
-  return out_grad, channel_sums(out_grad)
+def channel_means(x: jax.Array) -> jax.Array:
+  """x [..., C] -> [C], the means over every axis but the last (batch and
+  signal statistics over N, H, W)."""
+  return channel_sums(x) / (x.size // x.shape[-1])
 
 
-_add_bias_channel_sums_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-def add_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
-  """x [..., C] + bias [C]. On CPU (`cpu_reduction_forms`) the bias
-  gradient, the sum of the output gradient over every other axis, is
-  `channel_sums` (custom VJP); elsewhere plain autodiff."""
-  if not cpu_reduction_forms():
-    return x + bias
-  x, bias = conv.match_varying(x, bias)
-  return _add_bias_channel_sums_grad(x, bias)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_of_windows(x, window, strides, pads):
-  return functools.reduce(jnp.maximum, conv.strided_windows(
-      x, window, strides, pads, pad_value=-jnp.inf))
-
-
-def _max_of_windows_fwd(x, window, strides, pads):
-  out = _max_of_windows(x, window, strides, pads)
-  return out, (x, out)
-
-
-def _max_of_windows_bwd(window, strides, pads, residuals, out_grad):
-  x, out = residuals
-  windows = conv.strided_windows(x, window, strides, pads, pad_value=-jnp.inf)
-  taken = jnp.zeros(out.shape, bool)
-  window_grads = []
-  for values in windows:
-    # Each output's gradient goes to the first maximum in row-major window
-    # order, as XLA's select-and-scatter does.
-    chosen = (values == out) & ~taken
-    taken = taken | chosen
-    window_grads.append(jnp.where(chosen, out_grad, 0))
-  return (conv.strided_windows_transpose(window_grads, x.shape, window,
-                                         strides, pads),)
-
-
-_max_of_windows.defvjp(_max_of_windows_fwd, _max_of_windows_bwd)
+@ops.replaceable
+def pool_max(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: str) -> jax.Array:
+  """The max over each window of x [N, H, W, C], padded with -inf."""
+  return hk.max_pool(x, (1, *window, 1), (1, *strides, 1), padding)
 
 
 def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
@@ -207,20 +98,10 @@ def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
              ) -> jax.Array:
   """Max pooling over H and W of x [N, H, W, C] -> [N, H', W', C].
 
-  Pads with -inf ('SAME' or 'VALID'); x must be floating point. On CPU
-  (`cpu_reduction_forms`) the
-  max of the kh * kw strided windows, with a custom VJP that routes each
-  output's gradient to the first maximum of its window (as XLA does) by
-  masks and `conv.strided_windows_transpose`. After the 64 px
-  NF-ResNet-50 stem ([32, 32, 32, 64]) that backward takes 1.8 ms against
-  34 ms for XLA:CPU's select-and-scatter of `hk.max_pool`. Elsewhere
-  `hk.max_pool`. Reverse mode only on CPU (jax.jvp of a custom VJP
-  raises). A window holding NaN passes no gradient on CPU (no element
-  equals its NaN maximum); XLA's passes it to one element. The loss is NaN
-  by then either way.
+  Pads with -inf ('SAME' or 'VALID'); x must be floating point.
   """
-  window = conv.positive_pair(window, 'max_pool window')
-  strides = conv.positive_pair(stride, 'max_pool stride')
+  window = _pair(window, 'max_pool window')
+  strides = _pair(stride, 'max_pool stride')
   if padding not in ('SAME', 'VALID'):
     raise ValueError(f"max_pool padding must be 'SAME' or 'VALID', got "
                      f'{padding!r}.')
@@ -231,11 +112,7 @@ def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
                              or x.shape[2] < window[1]):
     raise ValueError(f'max_pool window {window} is larger than the '
                      f'{x.shape[1]}x{x.shape[2]} input with VALID padding.')
-  if not cpu_reduction_forms():
-    return hk.max_pool(x, (1, *window, 1), (1, *strides, 1), padding)
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-  return _max_of_windows(x, window, strides,
-                         tuple(tuple(int(p) for p in pair) for pair in pads))
+  return pool_max(x, window, strides, padding)
 
 
 class WSConv2D(hk.Module):
@@ -256,8 +133,8 @@ class WSConv2D(hk.Module):
                name: str | None = None):
     super().__init__(name=name)
     self.output_channels = output_channels
-    self.kernel_shape = _pair(kernel_shape)
-    self.stride = _pair(stride)
+    self.kernel_shape = _pair(kernel_shape, 'kernel_shape')
+    self.stride = _pair(stride, 'stride')
     self.padding = padding
     self.feature_group_count = feature_group_count
     self.eps = eps
@@ -280,8 +157,8 @@ class WSConv2D(hk.Module):
     weight = self.standardized_weight(x.shape[-1]).astype(x.dtype)
     bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
                             init=jnp.zeros)
-    out = conv.conv2d(x, weight, self.stride, self.padding,
-                      self.feature_group_count)
+    out = conv2d(x, weight, self.stride, self.padding,
+                 self.feature_group_count)
     return add_bias(out, bias.astype(x.dtype))
 
 
@@ -303,8 +180,8 @@ class Conv2D(hk.Module):
                name: str | None = None):
     super().__init__(name=name)
     self.output_channels = output_channels
-    self.kernel_shape = _pair(kernel_shape)
-    self.stride = _pair(stride)
+    self.kernel_shape = _pair(kernel_shape, 'kernel_shape')
+    self.stride = _pair(stride, 'stride')
     self.padding = padding
     self.feature_group_count = feature_group_count
     self.init_scale = init_scale
@@ -320,8 +197,8 @@ class Conv2D(hk.Module):
       w_init = hk.initializers.VarianceScaling(
           2.0 * self.init_scale**2, 'fan_in', 'normal')
     weight = hk.get_parameter('w', shape, jnp.float32, init=w_init)
-    out = conv.conv2d(x, weight.astype(x.dtype), self.stride, self.padding,
-                      self.feature_group_count)
+    out = conv2d(x, weight.astype(x.dtype), self.stride, self.padding,
+                 self.feature_group_count)
     if self.with_bias:
       bias = hk.get_parameter('bias', (self.output_channels,), jnp.float32,
                               init=jnp.zeros)
@@ -386,10 +263,8 @@ class BatchNorm(hk.Module):
   data-parallel training) and updates the moving averages with `decay`;
   evaluation uses the moving averages.
 
-  Written here rather than using hk.BatchNorm, whose train step was 3x slower
-  in a BN-ResNet-50 on CPU (7.2 vs 2.5 s per step at 64 px, batch 32). The
-  batch means go through `channel_means` (a faster, more accurate reduction
-  order on CPU).
+  Written here rather than using hk.BatchNorm so that the batch means go
+  through `channel_means` (on CPU, a faster reduction: docs/performance.md).
   """
 
   def __init__(self, decay: float, eps: float, axis_name: str | None = None,

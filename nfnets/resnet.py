@@ -1,20 +1,24 @@
-"""Pre-activation bottleneck ResNets: NF-ResNet and its baselines, one code path.
+"""NF-ResNets (paper Sections 3-4): pre-activation bottleneck ResNets without
+normalization, and the skeleton their baselines share.
 
-Models (config.name):
-  nf_resnet        x + alpha * skip_gain * f(x / beta), Scaled-WS convs and
-                   gamma-scaled activations (or plain He-init convs with
-                   use_scaled_ws=False, the paper's "NF, He init" ablation).
-  bn_resnet        BatchNorm ResNetV2; bn_order 'bn_relu_conv' (He et al.
-                   2016) or 'relu_bn_conv' (the paper's preferred ordering).
-  skipinit_resnet  unnormalized, x + skip_gain * f(x), skip gain init 0.
-  fixup_resnet     unnormalized, scalar biases around every conv and
-                   activation, a scalar multiplier per branch, last conv of
-                   each branch zero, other convs scaled by L^(-1/(2m-2)).
+An NF-ResNet block is
 
-All share the stem (7x7/2 conv + 3x3/2 max-pool), the block layout
-(pre-activation bottleneck, ratio 1/4, stride on the 3x3 conv, 1x1 shortcut
-conv on transition blocks fed the pre-activated input) and the head
-(pre-activation, global average pool, dropout, linear).
+    x_{l+1} = x_l + alpha * skip_gain * f_l(x_l / beta_l)
+
+where beta_l is the analytic std of x_l (`block_plan`: the variance is 1
+after the stem, grows by alpha^2 per block and resets to 1 + alpha^2 after a
+transition block, whose 1x1 shortcut conv sees the rescaled input), f_l is
+act -> conv1x1 -> act -> conv3x3 -> act -> conv1x1 with Scaled-WS convs
+(nfnets.layers.WSConv2D) and gamma-scaled activations (nfnets.activations),
+and skip_gain is a learnable scalar (0 to train, 1 for signal propagation
+plots). With use_scaled_ws=False the convs are plain He-init ones (the
+paper's "NF, He init" ablation).
+
+The stem (7x7/2 conv, 3x3/2 max-pool), the block layout (bottleneck ratio
+1/4, stride on the 3x3 conv) and the head (pre-activation, global average
+pool, dropout, linear) are shared with the baselines in nfnets.baselines
+(config.name 'bn_resnet', 'skipinit_resnet', 'fixup_resnet'), which
+`build` builds too.
 """
 
 import dataclasses
@@ -27,13 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from nfnets import activations
+from nfnets import baselines
 from nfnets import layers
 from nfnets import signal_stats
 from nfnets import stacking
 
-MODELS = ('nf_resnet', 'bn_resnet', 'skipinit_resnet', 'fixup_resnet')
-BN_ORDERS = ('bn_relu_conv', 'relu_bn_conv')
-CONV_INITS = ('variance_preserving', 'he')
+MODELS = ('nf_resnet',) + baselines.MODELS
+BN_ORDERS = baselines.BN_ORDERS
+CONV_INITS = baselines.CONV_INITS
 BLOCK_LOOPS = ('auto', 'scan', 'unrolled')
 VARIANTS = {
     'ResNet26': (2, 2, 2, 2),
@@ -50,8 +55,6 @@ STAGE_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_RATIO = 0.25
 # Stem conv stride 2, max-pool stride 2, then the stage strides.
 TOTAL_STRIDE = 4 * math.prod(STAGE_STRIDES)
-# Fixup: m = 3 convs per residual branch.
-_CONVS_PER_BRANCH = 3
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -262,137 +265,94 @@ def block_plan(config) -> list[BlockSpec]:
   return plan
 
 
-def conv_input_second_moment(config) -> float:
-  """E[a^2] of what a conv inside a block sees at init, for unit Gaussian
-  pre-activations: a BatchNorm output (relu_bn_conv) or the unscaled
-  activation g(z), z ~ N(0, 1) (closed form 1/2 for ReLU, else quadrature).
-  """
-  if config.name == 'bn_resnet' and config.bn_order == 'relu_bn_conv':
-    return 1.0
-  name = activations.canonical_name(config.activation)
-  if name == 'relu':
-    return 0.5
-  mean, variance = activations.gaussian_moments(activations.ACTIVATIONS[name])
-  return mean**2 + variance
-
-
-def block_conv_init_scale(config) -> float:
-  """Multiplier on He init (std sqrt(2 / fan_in)) for plain convs in blocks.
-
-  'variance_preserving' gives std sqrt(1 / (fan_in * E[a^2])) (see
-  conv_input_second_moment), which is He's for a ReLU input; 'he' gives 1.
-  """
-  if config.conv_init == 'he':
-    return 1.0
-  return math.sqrt(0.5 / conv_input_second_moment(config))
-
-
-class _Layers:
-  """The per-model choices every conv, normalization and activation shares.
-
-  Its methods create Haiku modules and parameters in the module that calls
-  them (ResNet for the stem and head, Bottleneck for a block).
-  """
-
-  def __init__(self, config, num_blocks: int):
-    self.config = config
-    self.kind = config.name
-    self.scaled_ws = self.kind == 'nf_resnet' and config.use_scaled_ws
-    gain = config.activation_gamma
-    if gain is None and not self.scaled_ws:
-      gain = 1.0
-    self.activation = activations.get_activation(config.activation, gain)
-    self.block_conv_scale = block_conv_init_scale(config)
-    self.fixup_scale = num_blocks ** (-1.0 / (2 * _CONVS_PER_BRANCH - 2))
-
-  def conv(self, channels, kernel, stride=1, *, name, in_block=True,
-           is_last=False):
-    if self.scaled_ws:
-      return layers.WSConv2D(channels, kernel, stride, eps=self.config.ws_eps,
-                             name=name)
-    init_scale = 1.0  # He for the stem, which sees the image
-    if in_block:
-      init_scale = self.block_conv_scale
-      if self.kind == 'fixup_resnet':
-        init_scale *= 0.0 if is_last else self.fixup_scale
-    return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
-                         with_bias=self.kind == 'nf_resnet', name=name)
-
-  def preactivate(self, x, is_training, name):
-    """Normalization (bn_resnet) and nonlinearity in front of every conv."""
-    config = self.config
-    if self.kind == 'bn_resnet':
-      batch_norm = layers.BatchNorm(config.bn_decay, config.bn_eps,
-                                    config.bn_axis_name, name=name)
-      if config.bn_order == 'bn_relu_conv':
-        return self.activation(batch_norm(x, is_training))
-      return batch_norm(self.activation(x), is_training)
-    if self.kind == 'fixup_resnet':
-      x = x + layers.scalar_parameter(f'{name}_bias_in', 0.0, x.dtype)
-      x = self.activation(x)
-      return x + layers.scalar_parameter(f'{name}_bias_out', 0.0, x.dtype)
-    return self.activation(x)
-
-
-class Bottleneck(hk.Module):
-  """One pre-activation bottleneck block (module name block{index}).
+class NFBottleneck(hk.Module):
+  """One NF-ResNet block (module name block{index}).
 
   The static layout comes from a BlockSpec; the two per-block scalars that
   vary along a stage (expected_std, drop_rate) are call arguments, so a scan
   can feed them as per-layer inputs.
   """
 
-  def __init__(self, spec: BlockSpec, network: _Layers, name: str):
+  def __init__(self, spec: BlockSpec, parts: 'NFParts', name: str):
     super().__init__(name=name)
     self.spec = spec
-    self.network = network
+    self.parts = parts
 
   def __call__(self, x, expected_std, drop_rate, is_training: bool):
-    """x: [N, H, W, C_in]; expected_std, drop_rate: scalars (Python or
-    traced). Returns (output [N, H', W', C_out], branch output before
+    """x: [N, H, W, C_in]; expected_std (beta), drop_rate: scalars (Python
+    or traced). Returns (output [N, H', W', C_out], branch output before
     stochastic depth and scaling)."""
-    spec, network, config = self.spec, self.network, self.network.config
-    kind = network.kind
-    x_in = x
-    if kind == 'nf_resnet':
-      x_in = x / jnp.asarray(expected_std, x.dtype)
-    h = network.preactivate(x_in, is_training, 'preact0')
+    spec, config = self.spec, self.parts.config
+    conv, act = self.parts.conv, self.parts.activation
+    h = act(x / jnp.asarray(expected_std, x.dtype))  # unit-variance input
     shortcut = x
     if spec.is_transition:
-      shortcut = network.conv(spec.out_channels, 1, spec.stride,
-                              name='shortcut')(h)
-    out = network.conv(spec.bottleneck_channels, 1, name='conv0')(h)
-    out = network.preactivate(out, is_training, 'preact1')
-    out = network.conv(spec.bottleneck_channels, 3, spec.stride,
-                       name='conv1')(out)
-    out = network.preactivate(out, is_training, 'preact2')
-    out = network.conv(spec.out_channels, 1, name='conv2', is_last=True)(out)
+      shortcut = conv(spec.out_channels, 1, spec.stride, name='shortcut')(h)
+    branch = conv(spec.bottleneck_channels, 1, name='conv0')(h)
+    branch = conv(spec.bottleneck_channels, 3, spec.stride,
+                  name='conv1')(act(branch))
+    branch = conv(spec.out_channels, 1, name='conv2')(act(branch))
     if config.use_se:
       hidden = max(1, int(spec.out_channels * config.se_ratio))
-      out = layers.SqueezeExcite(hidden, network.activation, name='se')(out)
-    branch = out
+      branch = layers.SqueezeExcite(hidden, act, name='se')(branch)
+    out = branch
     if config.stochastic_depth_rate > 0:
       out = layers.stochastic_depth(out, drop_rate, is_training,
                                     config.stochastic_depth_scale_by_keep)
-    if kind in ('nf_resnet', 'skipinit_resnet'):
-      out = out * layers.scalar_parameter('skip_gain', config.skip_gain_init,
-                                          out.dtype)
-    if kind == 'nf_resnet':
-      out = out * jnp.asarray(config.alpha, out.dtype)
-    if kind == 'fixup_resnet':
-      out = out * layers.scalar_parameter('multiplier', 1.0, out.dtype)
-      out = out + layers.scalar_parameter('bias', 0.0, out.dtype)
-    return shortcut + out, branch
+    skip_gain = layers.scalar_parameter('skip_gain', config.skip_gain_init,
+                                        out.dtype)
+    return shortcut + out * skip_gain * jnp.asarray(config.alpha,
+                                                   out.dtype), branch
 
 
-def _scanned_blocks(x, specs, network: _Layers, is_training: bool,
-                    return_stats: bool):
+class NFParts:
+  """What the ResNet skeleton builds for an NF-ResNet: Scaled-WS convs (or
+  plain He-init convs with bias, use_scaled_ws=False), gamma-scaled
+  activations, NFBottleneck blocks, an activation before the head and a
+  N(0, 0.01^2) classifier. Its methods create Haiku modules in the module
+  that calls them."""
+
+  def __init__(self, config, num_blocks: int):
+    del num_blocks  # no depth-dependent init
+    self.config = config
+    gain = config.activation_gamma
+    if gain is None and not config.use_scaled_ws:
+      gain = 1.0  # plain convs: their init scale plays gamma's role
+    self.activation = activations.get_activation(config.activation, gain)
+    self.plain_conv_scale = baselines.block_conv_init_scale(config)
+    self.classifier_init = hk.initializers.RandomNormal(0.01)
+
+  def conv(self, channels, kernel, stride=1, *, name, in_block=True):
+    if self.config.use_scaled_ws:
+      return layers.WSConv2D(channels, kernel, stride,
+                             eps=self.config.ws_eps, name=name)
+    # He init for the stem, which sees the image.
+    return layers.Conv2D(
+        channels, kernel, stride, with_bias=True, name=name,
+        init_scale=self.plain_conv_scale if in_block else 1.0)
+
+  def block(self, spec: BlockSpec, name: str) -> NFBottleneck:
+    return NFBottleneck(spec, self, name=name)
+
+  def head_preactivation(self, x, is_training):
+    del is_training
+    return self.activation(x)
+
+
+def _parts(config, num_blocks: int):
+  """The NFParts or baselines.Parts of config.name."""
+  if config.name in baselines.MODELS:
+    return baselines.Parts(config, num_blocks)
+  return NFParts(config, num_blocks)
+
+
+def _scanned_blocks(x, specs, parts, is_training: bool, return_stats: bool):
   """Runs blocks of one layout (specs: consecutive non-transition BlockSpecs)
   as one scan. Returns (x, None or the per-block signal statistics: three
   [len(specs)] arrays)."""
 
   def one_block(x, expected_std, drop_rate):
-    x, branch = Bottleneck(specs[0], network, name=stacking.LAYER_NAME)(
+    x, branch = parts.block(specs[0], name=stacking.LAYER_NAME)(
         x, expected_std, drop_rate, is_training)
     if not return_stats:
       return x, None
@@ -406,7 +366,8 @@ def _scanned_blocks(x, specs, network: _Layers, is_training: bool,
 
 
 class ResNet(hk.Module):
-  """A pre-activation bottleneck ResNet of any kind in MODELS.
+  """A pre-activation bottleneck ResNet of any kind in MODELS: the NF-ResNet
+  (NFParts) or a baseline (baselines.Parts).
 
   Call with images [N, H, W, 3] (any float dtype; the network runs in it) and
   is_training; returns logits [N, num_classes] in float32, plus with
@@ -420,15 +381,15 @@ class ResNet(hk.Module):
     validate_config(config)
     self.config = config
     self.plan = block_plan(config)
-    self.network = _Layers(config, len(self.plan))
+    self.parts = _parts(config, len(self.plan))
     self.groups = scan_groups(self.plan) if uses_scan(config) else []
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_stats: bool = False):
     check_image_size(self.config, images.shape[1], images.shape[2])
     config = self.config
-    x = self.network.conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
-                          name='stem_conv', in_block=False)(images)
+    x = self.parts.conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
+                        name='stem_conv', in_block=False)(images)
     x = layers.max_pool(x, window=3, stride=2, padding='SAME')
     recorder = signal_stats.SignalRecorder()
     if return_stats:
@@ -439,22 +400,21 @@ class ResNet(hk.Module):
       if index in scan_starts:
         count = scan_starts[index]
         x, stats = _scanned_blocks(x, self.plan[index:index + count],
-                                   self.network, is_training, return_stats)
+                                   self.parts, is_training, return_stats)
         if return_stats:
           recorder.record_blocks(*stats)
         index += count
         continue
       spec = self.plan[index]
-      x, branch = Bottleneck(spec, self.network, name=f'block{index}')(
+      x, branch = self.parts.block(spec, name=f'block{index}')(
           x, spec.expected_std, spec.drop_rate, is_training)
       if return_stats:
         recorder.record_block(x, branch)
       index += 1
-    x = self.network.preactivate(x, is_training, 'head_preact')
-    w_init = (jnp.zeros if self.network.kind == 'fixup_resnet'
-              else hk.initializers.RandomNormal(0.01))
+    x = self.parts.head_preactivation(x, is_training)
     logits = layers.classifier_head(x, config.num_classes,
-                                    config.dropout_rate, is_training, w_init)
+                                    config.dropout_rate, is_training,
+                                    self.parts.classifier_init)
     if not return_stats:
       return logits
     return logits, recorder.stats()

@@ -26,3 +26,10 @@ def jitted(model):
   apply = jax.jit(model.apply, static_argnums=(4, 5))
   return init, lambda p, s, r, x, train, stats=False: apply(p, s, r, x, train,
                                                             stats)
+
+
+# The test process is an entry point: it applies the CPU process settings
+# the scripts apply, before any test creates the JAX backend.
+from nfnets.cpu import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+runtime.configure_process()

@@ -1,4 +1,5 @@
-"""The process settings nfnets makes for XLA:CPU (nfnets/cpu_runtime.py)."""
+"""The process settings the entry points make for XLA:CPU
+(nfnets/cpu/runtime.py), and that importing nfnets makes none."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 import experiment
 from configs import quickstart
-from nfnets import cpu_runtime
+from nfnets.cpu import runtime as cpu_runtime
 from nfnets import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # memory that releasing the kept memory gives back.
 FAULTS_SCRIPT = textwrap.dedent('''
     import json, resource, statistics
-    import nfnets  # first, as a script would: computations run inline
+    from nfnets.cpu import runtime as cpu_runtime
+    cpu_runtime.configure_process()  # first, as a script does
     import jax, jax.numpy as jnp
-    from nfnets import cpu_runtime
 
     @jax.jit
     def program(x):
@@ -86,14 +87,16 @@ def test_kept_memory_is_not_faulted_in_again_every_call():
 
 
 # Train steps of the MNIST quickstart net at batch 512 (a temporary of
-# about 120 MB) through Experiment.train_step, in a process set up as
-# `import nfnets` sets it: page faults per step, after a warm-up step.
+# about 120 MB) through Experiment.train_step, in a process set up as the
+# entry points set it: page faults per step, after a warm-up step.
 TRAIN_STEP_FAULTS_SCRIPT = textwrap.dedent('''
     import json, resource
+    from nfnets.cpu import runtime as cpu_runtime
+    cpu_runtime.configure_process()
     import jax
     import experiment
     from configs import quickstart
-    from nfnets import cpu_runtime, data
+    from nfnets import data
 
     config = quickstart.get_config()
     config.train.batch_size = 512
@@ -248,3 +251,93 @@ def test_train_steps_keep_host_memory(fresh_policy, monkeypatch):
   losses.append(float(accumulator['sums']['loss']))
   assert len(kept) == 3
   assert np.all(np.isfinite(losses))
+
+
+# Imports every module of nfnets/ (and experiment.py) in a fresh process
+# and reports what that changed: the environment and every JAX config
+# value. The third-party packages they use are imported first: opencv sets
+# LD_LIBRARY_PATH when imported.
+IMPORT_SCRIPT = textwrap.dedent('''
+    import importlib, json, os, pkgutil
+    import cv2, grain, haiku, jax, optax, orbax.checkpoint
+    import tensorflow_datasets
+    import nfnets
+    before_env = dict(os.environ)
+    before_config = {name: repr(value)
+                     for name, value in jax.config.values.items()}
+    names = [info.name for info in pkgutil.walk_packages(
+        nfnets.__path__, 'nfnets.')]
+    for name in names + ['experiment']:
+      importlib.import_module(name)
+    after_config = {name: repr(value)
+                    for name, value in jax.config.values.items()}
+    from jax._src import xla_bridge
+    print('RESULT' + json.dumps(dict(
+        modules=len(names),
+        env_changed=sorted(k for k in set(before_env) | set(os.environ)
+                           if before_env.get(k) != os.environ.get(k)),
+        config_changed=sorted(k for k in after_config
+                              if after_config[k] != before_config.get(k)),
+        backend_started=xla_bridge.backends_are_initialized())))
+''')
+
+
+def test_importing_nfnets_changes_no_process_setting():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run([sys.executable, '-c', IMPORT_SCRIPT], cwd=ROOT,
+                          env=env, text=True, capture_output=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith('RESULT')][0]
+  values = json.loads(line[len('RESULT'):])
+  assert values['modules'] >= 20, values
+  assert values == dict(modules=values['modules'], env_changed=[],
+                        config_changed=[], backend_started=False)
+
+
+def test_configure_process_sets_the_flag_by_capability(monkeypatch):
+  monkeypatch.setattr(cpu_runtime, '_backends_initialized', lambda: False)
+  monkeypatch.setattr(cpu_runtime, 'run_computations_inline', lambda: False)
+  monkeypatch.delenv(cpu_runtime.CONV_FLAG_ENV_VAR, raising=False)
+  # The installed jaxlib knows the flag: it is added, once.
+  assert cpu_runtime.xla_knows_ynn_flag()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/nowhere')
+  lines = cpu_runtime.configure_process()
+  assert os.environ['XLA_FLAGS'] == (
+      f'--xla_dump_to=/nowhere {cpu_runtime.YNN_FLAG}')
+  assert len(lines) == 1 and cpu_runtime.YNN_FLAG in lines[0]
+  cpu_runtime.configure_process()
+  assert os.environ['XLA_FLAGS'].count('ynn_fusion_type') == 1
+  # A jaxlib without it, an opt-out, or the user's own value: untouched.
+  monkeypatch.setattr(cpu_runtime, 'xla_knows_ynn_flag', lambda: False)
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert cpu_runtime.configure_process() == []
+  assert os.environ['XLA_FLAGS'] == ''
+  monkeypatch.setattr(cpu_runtime, 'xla_knows_ynn_flag', lambda: True)
+  monkeypatch.setenv(cpu_runtime.CONV_FLAG_ENV_VAR, '0')
+  assert cpu_runtime.configure_process() == []
+  monkeypatch.delenv(cpu_runtime.CONV_FLAG_ENV_VAR)
+  mine = '--xla_cpu_experimental_ynn_fusion_type=dot'
+  monkeypatch.setenv('XLA_FLAGS', mine)
+  assert cpu_runtime.configure_process() == []
+  assert os.environ['XLA_FLAGS'] == mine
+
+
+def test_entry_points_log_the_settings_they_apply():
+  """cli.run (train.py, eval.py, spp.py, the benchmarks) applies the
+  settings before main and logs them at --verbosity=1."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  result = subprocess.run(
+      [sys.executable, '-c', textwrap.dedent('''
+          import sys
+          from absl import flags
+          from nfnets import cli
+          def main(argv):
+            import os
+            print('FLAGS=' + os.environ.get('XLA_FLAGS', ''))
+          sys.argv = ['entry', '--verbosity=1']
+          cli.run(main)
+      ''')], cwd=ROOT, env=env, text=True, capture_output=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'FLAGS={cpu_runtime.YNN_FLAG}' in result.stdout
+  assert 'CPU process setting: XLA_FLAGS has' in result.stderr

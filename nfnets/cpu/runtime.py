@@ -1,56 +1,49 @@
-"""Process-wide settings that make XLA:CPU fast; `nfnets` applies them on
-import. XLA_FLAGS must be set before JAX starts, so this module imports only
-the standard library at the top, and jax inside `run_computations_inline`.
+"""Process settings that make XLA:CPU fast, applied by the entry points
+(train.py, eval.py, spp.py, sweep.py, benchmarks, the tests) through one
+call, `configure_process()`, before JAX creates its backend. Importing
+nfnets changes nothing. XLA_FLAGS must be set before JAX starts, so this
+module imports only the standard library at the top. What each setting
+gains is measured in docs/performance.md ("Process settings").
 
 1. The XLA flag `--xla_cpu_experimental_ynn_fusion_type=individual_dot`
-   (`use_fast_cpu_convolutions`). With jax 0.10.2, XLA:CPU sends every
-   convolution to YNNPACK by default, and YNNPACK's convolutions are slow.
-   The flag keeps each dot, alone, on YNNPACK and runs convolutions with
-   XLA's own (Eigen) kernels: an NF-ResNet-50 train step became 1.8x faster
-   at 224 px on a 2-core CPU (with `=dot`), and 1.13x faster again with
-   `=individual_dot`, because `=dot` also fused elementwise consumers into
-   the YNNPACK dot, which then needed every broadcast scalar (1/beta,
-   alpha) materialized as a full activation-sized array (up to 100 MB
-   each). It only changes the CPU compiler. Opt out with
-   NFNETS_CPU_CONV_FLAG=0, or by giving any
-   `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS yourself.
+   (`use_fast_cpu_convolutions`): XLA:CPU then keeps each dot, alone, on
+   YNNPACK and runs convolutions with its own (Eigen) kernels, which are
+   faster here than YNNPACK's. Applied only when the installed jaxlib knows
+   the flag and its value (an unknown flag in XLA_FLAGS aborts the
+   process); NFNETS_CPU_CONV_FLAG=0, or any ynn_fusion_type in XLA_FLAGS,
+   leaves XLA_FLAGS alone.
 
 2. Host memory that a train step reuses instead of faulting in again
-   (`run_computations_inline` on import, `keep_freed_memory` before a
+   (`run_computations_inline`, then `keep_freed_memory` before the first
    train step). XLA:CPU allocates each execution's temporaries as one
-   block with malloc: 363 MB for an NF-ResNet-50 train step at 64 px,
-   batch 32, 3.1 GB at 224 px. glibc serves a block that large with a
-   fresh mmap and unmaps it when it is freed, so every step page-faulted
-   all of it in again: 88,700 minor faults per step at 64 px, 800,000 at
-   224 px. With mmap and heap trimming off, freed blocks are reused: about
-   zero faults per step at 64 px, and the step 1.11-1.21x as fast at 64 px
-   and 1.18-1.21x at 224 px. The settings are process-wide, but only
-   glibc's main arena serves blocks of hundreds of MB from its heap: a
-   thread's own arena mmaps any block over its 64 MB heaps whatever they
-   say. So JAX runs single-device CPU computations inline, on the calling
-   thread (`jax_cpu_enable_async_dispatch=False`), and a single-device
-   train step is called with its inputs ready (else XLA defers it to a
-   worker thread). On by default; NFNETS_KEEP_HOST_MEMORY=0 turns both
-   off. Only on Linux with glibc and when JAX can only run on the CPU (an
-   accelerator keeps the working memory on the device). An earlier form
-   put every thread on the main arena instead (M_ARENA_MAX=1): that slowed
-   the MNIST quickstart's training from 16 to 24-27 s, so it was opt-in.
+   block with malloc (hundreds of MB for a ResNet-50 step); glibc serves a
+   block that large with a fresh mmap and unmaps it when it is freed, so
+   every step page-faulted all of it in again. With mmap and heap trimming
+   off, freed blocks are reused. Only glibc's main arena serves blocks
+   that large from its heap, so JAX runs single-device CPU computations on
+   the calling thread (`jax_cpu_enable_async_dispatch=False`), and a
+   single-device train step is called with its inputs ready. Only on Linux
+   with glibc and when JAX can only run on the CPU; NFNETS_KEEP_HOST_MEMORY=0
+   turns it off. A training process then keeps its peak heap until it exits.
 """
 
 import ctypes
 import functools
+import glob
 import importlib.metadata
 import importlib.util
+import mmap
 import os
 import platform
 import sys
 
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+# What the jaxlib binary holds when XLA knows the flag and its value: the
+# flag's name and the enum name the value parses to.
+_YNN_FLAG_MARKERS = (b'xla_cpu_experimental_ynn_fusion_type',
+                     b'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT')
 CONV_FLAG_ENV_VAR = 'NFNETS_CPU_CONV_FLAG'
 HOST_MEMORY_ENV_VAR = 'NFNETS_KEEP_HOST_MEMORY'
-# jaxlib versions known to accept the flag: an unknown flag in XLA_FLAGS
-# aborts the process, and this one is experimental.
-_JAXLIB_VERSIONS_WITH_FLAG = ('0.10.2',)
 
 # mallopt parameters, from <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -75,12 +68,27 @@ def switched_on(env_var: str, default: bool = True) -> bool:
   return setting in ('1', 'true', 'yes', 'on')
 
 
-def _jaxlib_version() -> str | None:
-  try:
-    from jaxlib import version  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return version.__version__
+@functools.cache
+def xla_knows_ynn_flag() -> bool:
+  """Whether the installed jaxlib's XLA accepts YNN_FLAG: some shared
+  library of the jaxlib package holds both the flag's name and its value's
+  enum name. Reads the libraries (memory-mapped, about 0.2 s), once."""
+  spec = importlib.util.find_spec('jaxlib')
+  if spec is None or not spec.submodule_search_locations:
+    return False
+  found = set()
+  for location in spec.submodule_search_locations:
+    for path in glob.glob(os.path.join(location, '**', '*.so*'),
+                          recursive=True):
+      try:
+        with open(path, 'rb') as library, mmap.mmap(
+            library.fileno(), 0, access=mmap.ACCESS_READ) as contents:
+          found.update(m for m in _YNN_FLAG_MARKERS if contents.find(m) >= 0)
+      except (OSError, ValueError):  # unreadable or empty
+        continue
+      if len(found) == len(_YNN_FLAG_MARKERS):
+        return True
+  return False
 
 
 def _backends_initialized() -> bool:
@@ -99,18 +107,17 @@ def use_fast_cpu_convolutions() -> bool:
 
   Does nothing when NFNETS_CPU_CONV_FLAG is 0 (or false/no/off), when
   XLA_FLAGS already mentions ynn_fusion_type (the user's choice wins), when
-  the installed jaxlib is not one known to accept the flag, or when a JAX
-  backend already exists (XLA read XLA_FLAGS then; a later change would only
-  reach subprocesses). The changed XLA_FLAGS is inherited by subprocesses.
+  the installed jaxlib does not know the flag (`xla_knows_ynn_flag`), or
+  when a JAX backend already exists (XLA read XLA_FLAGS then; a later
+  change would only reach subprocesses). The changed XLA_FLAGS is
+  inherited by subprocesses.
   """
   if not switched_on(CONV_FLAG_ENV_VAR):
     return False
   flags = os.environ.get('XLA_FLAGS', '')
   if 'ynn_fusion_type' in flags:
     return False
-  if _jaxlib_version() not in _JAXLIB_VERSIONS_WITH_FLAG:
-    return False
-  if _backends_initialized():
+  if _backends_initialized() or not xla_knows_ynn_flag():
     return False
   os.environ['XLA_FLAGS'] = f'{flags} {YNN_FLAG}'.strip()
   return True
@@ -153,8 +160,8 @@ def run_computations_inline() -> bool:
   block of any size from its heap once `keep_freed_memory` is set; XLA's
   worker threads have arenas of their own, whose heaps are 64 MB, and
   those mmap larger blocks whatever the settings. JAX reads the option
-  when it creates its CPU backend, so this must run before that (on
-  import). It is process-wide: eval, SPP and user code run inline too.
+  when it creates its CPU backend, so this must run before that
+  (`configure_process`). It is process-wide: eval, SPP and user code run inline too.
   Changes nothing when the setting does not apply
   (NFNETS_KEEP_HOST_MEMORY=0 opts out) or when a backend already exists.
   """
@@ -202,12 +209,27 @@ def release_kept_memory() -> bool:
   the next step faults its temporaries in once, then reuses them again.
 
   For a process that hands the machine to another one for a while
-  (benchmarks/peers.py between its timed runs): on this project's VMs,
-  an idle process holding 4.5 GB of kept heap made timm's 224 px train
-  step 20-30% slower, although its memory was never short.
+  (benchmarks/peers.py between its timed runs): an idle process holding
+  gigabytes of kept heap can slow the next one down.
   """
   if not _host_memory['kept']:
     return False
   ctypes.CDLL(None).malloc_trim(0)
   return True
 
+
+
+def configure_process() -> list[str]:
+  """Applies the process settings above that apply here (call before JAX
+  creates its backend, e.g. first thing in main); returns one line per
+  setting in effect, for the entry point to log. Calling it again changes
+  nothing more."""
+  applied = []
+  if use_fast_cpu_convolutions() or YNN_FLAG in os.environ.get('XLA_FLAGS',
+                                                               ''):
+    applied.append(f'XLA_FLAGS has {YNN_FLAG} (XLA:CPU convolutions on its '
+                   'own kernels, dots on YNNPACK)')
+  if run_computations_inline():
+    applied.append('single-device CPU computations run on the calling '
+                   'thread; train steps keep their freed host memory')
+  return applied

@@ -1,109 +1,52 @@
-"""The one 2D convolution (NHWC x HWIO -> NHWC) behind every conv layer.
+"""Convolutions that XLA:CPU runs fast: `conv2d` picks, per shape, one of
+the forms below, each the same sums as `jax.lax.conv_general_dilated` in
+another order (exact up to float32 rounding; tests/test_cpu_conv.py checks
+value and gradients against float64). `nfnets.ops` calls it in place of
+`nfnets.layers.conv2d` on CPU. What each form gains is measured in
+docs/performance.md ("CPU rewrites"), with `benchmarks/conv_shapes.py`.
 
-On GPU and TPU this is always `jax.lax.conv_general_dilated`. On CPU, XLA's
-convolutions are slow for some shapes (measured with jax 0.10.2 on a 2-core
-x86 machine; see benchmarks/conv_shapes.py), and `conv2d` computes those
-differently, with the same sums in another order (exact up to float32
-rounding; tests/test_conv.py checks value and gradients against float64):
-
-  * 'im2col' (`im2col_conv2d`): convolutions with a kernel larger than 1x1
-    whose output map is tiny (stage 4 of a ResNet-50 at 64 px has 2x2 maps)
-    run at 2-3 GFLOP/s in XLA, forward and backward. As im2col, the kh * kw
-    shifted (strided) windows of the padded input are concatenated along
-    channels and multiplied with the reshaped kernel in one matmul; autodiff
-    gives the input gradient as a matmul plus pads and the weight gradient
-    as one matmul.
-  * 'lax_matmul_grads' (`conv_cpu_gradients`): 1x1 convolutions.
-    XLA runs their forward as a dot, but their weight gradient as a
-    convolution, 1.5-3x slower than the equivalent matmul x^T @ dy on maps
-    of 28x28 and more, and a strided one's input gradient as an
-    lhs-dilated convolution, 1.2x slower than dy @ W^T spread back by an
-    interior pad. A custom VJP keeps XLA's forward and computes both
-    gradients as those matmuls.
+  * 'im2col' (`im2col_conv2d`): kernels larger than 1x1 whose output map has
+    at most MAX_IM2COL_OUTPUT_PIXELS pixels (stage 4 of a ResNet-50 at 64 px).
+    XLA:CPU runs these at a few GFLOP/s; as im2col the kh * kw shifted
+    windows are concatenated along channels and multiplied with the reshaped
+    kernel in one matmul.
+  * 'lax_matmul_grads' (`conv_cpu_gradients`): 1x1 kernels. XLA's forward; a
+    custom VJP computes the weight gradient as the matmul x^T @ dy and the
+    input gradient as dy @ W^T spread back by an interior pad, instead of
+    XLA:CPU's slower gradient convolutions.
   * 'lax_canonical_grads' (`conv_cpu_gradients`): the other ungrouped
     convolutions. XLA's forward; both gradients as convolutions in the
-    forward's NHWC/HWIO form with the transposes written out. Autodiff's
-    weight-gradient convolution (batch and feature roles swapped) is fast
-    on XLA:CPU only once its layout pass has made it canonical, which it
-    does not inside a loop body: under lax.scan (model.block_loop='scan')
-    a 3x3 weight gradient ran 30x slower.
-  * 'lax_grouped_matmul_weight_grad' (`grouped_conv_cpu_gradients`):
-    grouped convolutions (NF-RegNets' 3x3 convs, group width 8). XLA:CPU
-    runs their weight gradient (a convolution with batch_group_count)
-    20-100x slower than the forward; NF-RegNet-B0 trained at 3.5-3.8
-    images/s at 64 px (84 now). A custom VJP keeps XLA's forward and input
-    gradient (both fast) and computes the weight gradient as one batched
-    matmul over the groups: patches [M, kh * kw, G, C_in / G] with
-    out_grad [M, G, C_out / G], contracting the M = N * H' * W' output
-    pixels. The patches take kh * kw / stride^2 times the input's memory
-    (about 0.7 GB for NF-RegNet-B0's largest at 224 px, batch 32).
-  * 'lax': everything else (`lax.conv_general_dilated`), and every
-    convolution on other backends.
-
-Which implementation runs:
-  * `NFNETS_CONV_IMPL=plain` (environment, read once at first use): always
-    `lax.conv_general_dilated`, on every backend.
-  * `NFNETS_CONV_IMPL=auto` (the default): `choose_implementation`, which
-    takes 'lax' unless the default backend (`jax.default_backend()` when the
-    convolution is traced) is CPU.
+    forward's NHWC/HWIO form. Autodiff's weight-gradient convolution (batch
+    and feature roles swapped) is fast on XLA:CPU only after its layout pass
+    makes it canonical, which it does not inside a loop body (scanned
+    blocks, `model.block_loop='scan'`).
+  * 'lax_grouped_matmul_weight_grad' (`grouped_conv_cpu_gradients`): grouped
+    convolutions (NF-RegNets' 3x3 convs). XLA:CPU runs their weight gradient
+    (a convolution with batch_group_count) far slower than the forward; a
+    custom VJP computes it as one matmul batched over the groups: patches
+    [M, kh * kw, G, C_in / G] with out_grad [M, G, C_out / G], contracting the
+    M = N * H' * W' output pixels (kh * kw / stride^2 times the input's
+    memory).
 """
 
 import functools
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
-IMPLS = ('auto', 'plain')
-# What conv2d can run: lax.conv_general_dilated; im2col_conv2d;
-# conv_cpu_gradients (two kinds of backward pass, by kernel size);
-# grouped_conv_cpu_gradients.
+# The forms conv2d runs ('lax': XLA's conv and autodiff, unused by
+# choose_implementation but kept for benchmarks/conv_shapes.py).
 IMPLEMENTATIONS = ('lax', 'im2col', 'lax_matmul_grads',
                    'lax_canonical_grads', 'lax_grouped_matmul_weight_grad')
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
-# On CPU, a conv with a kernel larger than 1x1 runs as im2col when its output
-# map has at most this many pixels (out_h * out_w). NF-ResNet-50 shapes,
-# batch 32, jax 0.10.2 with the YNN flag, 2-core x86 shared with other jobs
-# (ms, forward / backward, lax -> im2col, medians of 7, quietest run;
-# benchmarks/conv_shapes.py --image_size=64):
-#   3x3 512->512 at 2x2 out:      285 -> 3.8 / 285 -> 13.6
-#   3x3 512->512 /2, 2x2 out:     6.6 -> 4.8 / 319 -> 8.6
-#   3x3 256->256 at 4x4 out:      3.3 -> 3.6 / 13.2 -> 8.2 (17.5 -> 17.0 in
-#                                 a busier run: not a clear gain, left lax)
-#   3x3 128->128 at 8x8 out:      4.5 -> 4.6 / 7.4 -> 11.4
-# 3x3 convs with larger maps are 2-9x slower as im2col (building the patches
-# dominates), and so is the 7x7 stem.
+# A conv with a kernel larger than 1x1 runs as im2col when its output map has
+# at most this many pixels (out_h * out_w): faster than XLA:CPU's conv for
+# 2x2 maps and below, slower from 4x4 up (building the patches dominates).
 MAX_IM2COL_OUTPUT_PIXELS = 4
-# 1x1 convs on CPU as 'lax_matmul_grads'. Weight gradient alone, summed
-# over the 1x1 convs of one NF-ResNet-50 train step (batch 32, best of 5-12
-# interleaved runs, same machine): 224 px 4.2 -> 2.4 s, 64 px 184 -> 156 ms.
-# Input gradient of a strided 1x1 (64 px shortcuts, median of 21): 4.9 ->
-# 3.8, 4.0 -> 3.4, 7.2 -> 6.0 ms; stride 1 is the same dot either way.
-ONE_BY_ONE_MATMUL_GRADS = True
-# Other ungrouped convs on CPU (not im2col) as 'lax_canonical_grads': XLA's
-# forward, both gradients as convolutions in the forward's NHWC/HWIO form
-# (see _canonical_gradients): needed under lax.scan (scanned blocks), where
-# XLA:CPU runs autodiff's weight-gradient convolution 30x slower.
-CANONICAL_GRADIENTS = True
 
 Padding = str | Sequence[tuple[int, int]]
-
-
-@functools.cache
-def configured_impl() -> str:
-  """The implementation asked for by NFNETS_CONV_IMPL ('auto' if unset).
-
-  Read once per process (cached), so set it before the first convolution is
-  traced. Raises ValueError for any other value.
-  """
-  value = os.environ.get(IMPL_ENV_VAR, 'auto').strip().lower() or 'auto'
-  if value not in IMPLS:
-    raise ValueError(f'{IMPL_ENV_VAR}={os.environ[IMPL_ENV_VAR]!r} is not '
-                     f'allowed; use one of {IMPLS}.')
-  return value
 
 
 def output_size(size: int, kernel: int, stride: int,
@@ -166,31 +109,25 @@ def choose_implementation(x_shape: Sequence[int],
                           weight_shape: Sequence[int],
                           stride: int | Sequence[int] = 1,
                           padding: Padding = 'SAME',
-                          feature_group_count: int = 1,
-                          backend: str | None = None) -> str:
-  """Which of IMPLEMENTATIONS `conv2d` uses for this convolution.
+                          feature_group_count: int = 1) -> str:
+  """Which of IMPLEMENTATIONS `conv2d` uses for this convolution on CPU.
 
   Args:
     x_shape: [N, H, W, C_in].
     weight_shape: [kh, kw, C_in / groups, C_out].
     stride, padding, feature_group_count: as for `conv2d`.
-    backend: platform name; default `jax.default_backend()`.
   """
   strides, pads = _validate(x_shape, weight_shape, stride, padding,
                             feature_group_count)
-  if configured_impl() == 'plain':
-    return 'lax'
-  if (backend or jax.default_backend()) != 'cpu':
-    return 'lax'
   if feature_group_count != 1:
     return 'lax_grouped_matmul_weight_grad'
   if weight_shape[0] * weight_shape[1] == 1:
-    return 'lax_matmul_grads' if ONE_BY_ONE_MATMUL_GRADS else 'lax'
+    return 'lax_matmul_grads'
   out_h, out_w = (output_size(x_shape[1 + a], weight_shape[a], strides[a],
                               pads[a]) for a in range(2))
   if out_h * out_w <= MAX_IM2COL_OUTPUT_PIXELS:
     return 'im2col'
-  return 'lax_canonical_grads' if CANONICAL_GRADIENTS else 'lax'
+  return 'lax_canonical_grads'
 
 
 def _lax_conv(x, weight, strides, pads, feature_group_count=1):
@@ -485,7 +422,8 @@ def conv2d(x: jax.Array, weight: jax.Array, stride: int | Sequence[int] = 1,
 
   Returns:
     [N, H', W', C_out] in x's dtype, computed as `choose_implementation`
-    says (module docstring).
+    says (module docstring); equal to `nfnets.layers.conv2d` up to float32
+    rounding.
   """
   strides, pads = _validate(x.shape, weight.shape, stride, padding,
                             feature_group_count)

@@ -1,4 +1,4 @@
-"""nfnets/conv.py: its CPU rewrites (im2col + matmul; lax conv with matmul
+"""nfnets/cpu/conv.py: its CPU rewrites (im2col + matmul; lax conv with matmul
 or canonical gradients; grouped lax conv with a batched-matmul weight
 gradient) equal lax.conv_general_dilated (value and gradients, against
 a float64 reference), auto takes each exactly where it says, and a full train
@@ -13,7 +13,9 @@ import pytest
 
 import experiment
 from configs import quickstart
-from nfnets import conv
+from nfnets import layers
+from nfnets import ops
+from nfnets.cpu import conv
 
 # Value and gradients of the float32 rewrite (and, as a check that the bound
 # is meaningful, of float32 lax.conv) against float64 lax.conv + jax.grad:
@@ -146,13 +148,13 @@ def test_grouped_rewrite_matches_float64_conv_value_and_gradients(case):
 
 def test_grouped_convs_on_cpu_get_a_matmul_weight_gradient(conv_impl):
   """auto: no weight-gradient convolution (XLA:CPU's batch_group_count
-  conv, 20-100x slower than the forward); plain: XLA's own."""
+  conv, much slower than the forward); plain: XLA's own."""
   x = jax.ShapeDtypeStruct((4, 8, 8, 32), jnp.float32)
   w = jax.ShapeDtypeStruct((3, 3, 8, 32), jnp.float32)
 
   def weight_gradient_convs():
     jaxpr = jax.make_jaxpr(jax.grad(
-        lambda w, x: jnp.sum(conv.conv2d(x, w, 1, 'SAME', 4))))(w, x)
+        lambda w, x: jnp.sum(layers.conv2d(x, w, (1, 1), 'SAME', 4))))(w, x)
     return sum(1 for eqn in jaxpr.jaxpr.eqns
                if eqn.primitive.name == 'conv_general_dilated'
                and eqn.params['batch_group_count'] > 1)
@@ -162,7 +164,6 @@ def test_grouped_convs_on_cpu_get_a_matmul_weight_gradient(conv_impl):
           == 'lax_grouped_matmul_weight_grad')
   assert weight_gradient_convs() == 0
   conv_impl('plain')
-  assert conv.choose_implementation(x.shape, w.shape, 1, 'SAME', 4) == 'lax'
   assert weight_gradient_convs() == 1
 
 
@@ -178,13 +179,14 @@ def _conv_outputs(jaxpr) -> list[tuple[int, ...]]:
 
 
 def _conv_counts(x_shape, w_shape, stride) -> tuple[int, int, int]:
-  """(convs in conv2d's forward jaxpr, input-gradient convs (output shaped
-  like x) in its gradient wrt x, weight-gradient convs (output shaped like
-  the kernel) in its gradient wrt w)."""
+  """(convs in layers.conv2d's forward jaxpr, input-gradient convs (output
+  shaped like x) in its gradient wrt x, weight-gradient convs (output
+  shaped like the kernel) in its gradient wrt w)."""
   x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
   w = jax.ShapeDtypeStruct(w_shape, jnp.float32)
-  loss = lambda x, w: jnp.sum(conv.conv2d(x, w, stride))
-  forward = jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride))(x, w)
+  conv2d = lambda x, w: layers.conv2d(x, w, (stride, stride), 'SAME', 1)
+  loss = lambda x, w: jnp.sum(conv2d(x, w))
+  forward = jax.make_jaxpr(conv2d)(x, w)
   grad_x = jax.make_jaxpr(jax.grad(loss, argnums=0))(x, w)
   grad_w = jax.make_jaxpr(jax.grad(loss, argnums=1))(x, w)
   forward_shapes = _conv_outputs(forward.jaxpr)
@@ -222,11 +224,11 @@ def _noncanonical_convs(x_shape, w_shape, stride) -> int:
 def conv_impl(monkeypatch):
   """Sets NFNETS_CONV_IMPL for one test (the module reads it once, cached)."""
   def set_impl(value):
-    monkeypatch.setenv(conv.IMPL_ENV_VAR, value)
-    conv.configured_impl.cache_clear()
+    monkeypatch.setenv(ops.IMPL_ENV_VAR, value)
+    ops.configured_impl.cache_clear()
   yield set_impl
-  monkeypatch.delenv(conv.IMPL_ENV_VAR, raising=False)
-  conv.configured_impl.cache_clear()
+  monkeypatch.delenv(ops.IMPL_ENV_VAR, raising=False)
+  ops.configured_impl.cache_clear()
 
 
 # (x shape, kernel shape, stride, implementation under auto on CPU).
@@ -280,27 +282,24 @@ def test_auto_takes_the_implementation_it_says(conv_impl, x_shape, w_shape,
   if expected == 'lax_canonical_grads':
     assert _noncanonical_convs(x_shape, w_shape, stride) == 0
   conv_impl('plain')
-  assert conv.choose_implementation(x_shape, w_shape, stride) == 'lax'
   assert _conv_counts(x_shape, w_shape, stride) == CONV_COUNTS['lax']
 
 
-def test_other_backends_keep_the_plain_conv(conv_impl):
+def test_other_backends_keep_the_plain_conv(conv_impl, monkeypatch):
   conv_impl('auto')
-  for x_shape, w_shape in (((32, 2, 2, 512), (3, 3, 512, 512)),
-                           ((32, 8, 8, 512), (1, 1, 512, 128))):
-    assert conv.choose_implementation(x_shape, w_shape, backend='cpu') != 'lax'
-    assert conv.choose_implementation(x_shape, w_shape, backend='gpu') == 'lax'
-    assert conv.choose_implementation(x_shape, w_shape, backend='tpu') == 'lax'
   for backend in ('gpu', 'tpu'):
-    assert conv.choose_implementation((32, 2, 2, 512), (3, 3, 64, 512), 1,
-                                      feature_group_count=8,
-                                      backend=backend) == 'lax'
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert not ops.cpu_forms_active()
+    assert _conv_counts((32, 2, 2, 512), (3, 3, 512, 512), 1) == (
+        CONV_COUNTS['lax'])
+    assert _conv_counts((32, 8, 8, 512), (1, 1, 512, 128), 1) == (
+        CONV_COUNTS['lax'])
 
 
 def test_bad_arguments_raise_clear_errors(conv_impl):
   conv_impl('fast')
   with pytest.raises(ValueError, match="NFNETS_CONV_IMPL='fast'.*auto"):
-    conv.configured_impl()
+    ops.configured_impl()
   conv_impl('auto')
   x, w = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 8, 8))
   with pytest.raises(ValueError, match='stride.*0'):
@@ -364,8 +363,8 @@ def test_train_step_auto_matches_plain(conv_impl):
   # block, depths (1, 1, 1, 1)) are im2col under auto; every 1x1 conv (two
   # per block and four shortcuts), the two other 3x3 convs and the stem are
   # custom-VJP convs. Each of the 17 WS convs adds two more custom VJPs
-  # under auto (nfnets.layers: standardization and bias with their sums as
-  # matmuls), and the stem's max-pool one; plain rules those out too.
+  # under auto (nfnets.cpu.reductions: standardization and bias with their
+  # sums as matmuls), and the stem's max-pool one; plain rules those out too.
   assert plain_counts['custom_vjps'] == 0
   assert plain_counts['convs_1x1'] == 12
   assert auto_counts == dict(plain_counts, convs=plain_counts['convs'] - 2,
