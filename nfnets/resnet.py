@@ -22,7 +22,6 @@ pool, dropout, linear) are shared with the baselines in nfnets.baselines
 """
 
 import dataclasses
-import functools
 import math
 
 import haiku as hk
@@ -39,7 +38,7 @@ from nfnets import stacking
 MODELS = ('nf_resnet',) + baselines.MODELS
 BN_ORDERS = baselines.BN_ORDERS
 CONV_INITS = baselines.CONV_INITS
-BLOCK_LOOPS = ('auto', 'scan', 'unrolled')
+BLOCK_LOOPS = stacking.BLOCK_LOOPS
 VARIANTS = {
     'ResNet26': (2, 2, 2, 2),
     'ResNet50': (3, 4, 6, 3),
@@ -93,14 +92,13 @@ def default_config() -> ml_collections.ConfigDict:
       bn_eps=1e-5,
       # How the identical (non-transition) blocks of each stage run:
       # 'scan' under one lax.scan per stage, their parameters stored stacked
-      # ('resnet/stacked_block2_to_block3/conv0', nfnets/stacking.py:
-      # compile time no longer grows with depth); 'unrolled' one after
-      # another, parameters per block ('resnet/block2/conv0'); 'auto'
-      # unrolled in training (scanned steps were slower on CPU,
-      # docs/performance.md) and scanned in spp.measure for networks deeper
-      # than 32 blocks (forward only, compile-bound). A checkpoint written
-      # in either form loads in the other (convert_to_block_loop); only the
-      # random init (per-layer key split) and stochastic-depth draws differ.
+      # ('resnet/stacked_block2_to_block3/conv0': compile time no longer
+      # grows with depth); 'unrolled' one after another, parameters per
+      # block ('resnet/block2/conv0'); 'auto' unrolled in training and
+      # scanned in SPP measurements of networks deeper than 32 blocks (the
+      # rule and why: nfnets/stacking.py). A checkpoint written in either
+      # layout loads in the other; only the random init (per-layer key
+      # split) and stochastic-depth draws differ.
       block_loop='auto',
       # Mesh axis over which BatchNorm averages batch statistics (data
       # parallel training); None for single-device use.
@@ -157,57 +155,15 @@ def validate_config(config) -> None:
 
 
 def uses_scan(config) -> bool:
-  """Whether the identical blocks of each stage run under a scan ('auto'
-  means unrolled here; spp.measure resolves it to 'scan' for deep nets)."""
-  return config.block_loop == 'scan'
-
-
-def scan_groups(plan) -> list[tuple[int, int]]:
-  """[(first index, count)] of the runs of >= 2 consecutive non-transition
-  blocks within a stage: the blocks a scan can share one trace for."""
-  groups = []
-  for spec in plan:
-    if spec.is_transition:
-      continue
-    first, count = groups[-1] if groups else (-2, 0)
-    if first + count == spec.index and plan[first].stage == spec.stage:
-      groups[-1] = (first, count + 1)
-    else:
-      groups.append((spec.index, 1))
-  return [group for group in groups if group[1] >= 2]
-
-
-def scan_layer_names(config) -> list[list[str]]:
-  """The block module names each scan runs (whatever config.block_loop):
-  [['block2', 'block3'], ...] from scan_groups."""
-  return [[f'block{index}' for index in range(first, first + count)]
-          for first, count in scan_groups(block_plan(config))]
-
-
-def convert_to_block_loop(tree, config, block_loop: str):
-  """A params / state / optimizer state / train state tree of config's
-  network (or its shapes) in the per-block form, rewritten to the form that
-  block_loop stores ('scan': stacked; 'unrolled' or 'auto': per block), or
-  back with the inverse direction. Trees already in the target form are
-  returned unchanged."""
-  groups = scan_layer_names(config)
-  if block_loop == 'scan':
-    return stacking.stack_modules(tree, groups)
-  return stacking.unstack_modules(tree, groups)
+  """Whether the network's identical blocks run scanned in training and
+  evaluation (nfnets.stacking.scans)."""
+  return stacking.scans(config.block_loop, sum(stage_depths(config)))
 
 
 def other_layouts(config) -> list:
-  """[(to_other, back)]: the conversions between the layout config's
-  block_loop stores and the other one (for models.other_layouts); empty
-  when no blocks would be scanned."""
-  if not scan_layer_names(config):
-    return []
-  own, other = ('scan', 'unrolled') if uses_scan(config) else (
-      'unrolled', 'scan')
-  return [(functools.partial(convert_to_block_loop, config=config,
-                             block_loop=other),
-           functools.partial(convert_to_block_loop, config=config,
-                             block_loop=own))]
+  """[(to_other, back)] between the parameter layout config's block_loop
+  stores and the other (scanned or unrolled) one (models.other_layouts)."""
+  return stacking.other_layouts(block_plan(config), uses_scan(config))
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:
@@ -346,25 +302,6 @@ def _parts(config, num_blocks: int):
   return NFParts(config, num_blocks)
 
 
-def _scanned_blocks(x, specs, parts, is_training: bool, return_stats: bool):
-  """Runs blocks of one layout (specs: consecutive non-transition BlockSpecs)
-  as one scan. Returns (x, None or the per-block signal statistics: three
-  [len(specs)] arrays)."""
-
-  def one_block(x, expected_std, drop_rate):
-    x, branch = parts.block(specs[0], name=stacking.LAYER_NAME)(
-        x, expected_std, drop_rate, is_training)
-    if not return_stats:
-      return x, None
-    return x, (*signal_stats.channel_stats(x),
-               signal_stats.channel_stats(branch)[1])
-
-  return stacking.scan_layers(
-      one_block, [f'block{spec.index}' for spec in specs], x,
-      jnp.array([spec.expected_std for spec in specs], jnp.float32),
-      jnp.array([spec.drop_rate for spec in specs], jnp.float32))
-
-
 class ResNet(hk.Module):
   """A pre-activation bottleneck ResNet of any kind in MODELS: the NF-ResNet
   (NFParts) or a baseline (baselines.Parts).
@@ -382,7 +319,6 @@ class ResNet(hk.Module):
     self.config = config
     self.plan = block_plan(config)
     self.parts = _parts(config, len(self.plan))
-    self.groups = scan_groups(self.plan) if uses_scan(config) else []
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_stats: bool = False):
@@ -394,23 +330,9 @@ class ResNet(hk.Module):
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)
-    scan_starts = dict(self.groups)
-    index = 0
-    while index < len(self.plan):
-      if index in scan_starts:
-        count = scan_starts[index]
-        x, stats = _scanned_blocks(x, self.plan[index:index + count],
-                                   self.parts, is_training, return_stats)
-        if return_stats:
-          recorder.record_blocks(*stats)
-        index += count
-        continue
-      spec = self.plan[index]
-      x, branch = self.parts.block(spec, name=f'block{index}')(
-          x, spec.expected_std, spec.drop_rate, is_training)
-      if return_stats:
-        recorder.record_block(x, branch)
-      index += 1
+    x = stacking.run_blocks(self.parts.block, self.plan, x, is_training,
+                            scanned=uses_scan(config),
+                            recorder=recorder if return_stats else None)
     x = self.parts.head_preactivation(x, is_training)
     logits = layers.classifier_head(x, config.num_classes,
                                     config.dropout_rate, is_training,

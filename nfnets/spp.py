@@ -33,14 +33,15 @@ import numpy as np
 
 from nfnets import models
 from nfnets import paths
+from nfnets import stacking
 from nfnets.signal_stats import SignalRecorder  # re-exported for users
 from nfnets.signal_stats import STAT_KEYS
 
 # Deeper than this, a model that cannot scan its blocks (no
 # model.block_loop) runs op by op instead of under jax.jit: XLA compile time
-# grows with the unrolled depth (about 3 minutes for a ResNet-600 on 2 CPU
-# cores). Models with block_loop 'auto' are measured scanned and jitted.
-_MAX_JIT_BLOCKS = 32
+# grows with the unrolled depth. Models with block_loop 'auto' are measured
+# scanned and jitted.
+_MAX_JIT_BLOCKS = stacking.AUTO_SCAN_MAX_UNROLLED_BLOCKS
 # Parameters do not depend on the image size: initialize on small images.
 _INIT_IMAGE_SIZE = 32
 
@@ -234,7 +235,8 @@ def measure(label: str, model_config, image_size: int, batch_size: int,
   plan = tuple(models.block_plan(model_config))
   # Deep ResNets: scanned blocks, so jit compiles each stage's block once.
   scannable = model_config.get('block_loop') in ('auto', 'scan')
-  if model_config.get('block_loop') == 'auto' and len(plan) > _MAX_JIT_BLOCKS:
+  if (model_config.get('block_loop') == 'auto'
+      and stacking.scans('auto', len(plan), forward_only=True)):
     model_config = copy.deepcopy(model_config)
     model_config.block_loop = 'scan'
   model = models.build(model_config)

@@ -1,4 +1,14 @@
-"""Run layers of one layout under lax.scan, with their parameters stored stacked.
+"""Scanned blocks: run layers of one layout under lax.scan, with their
+parameters stored stacked. Everything about this layout lives here; the
+ResNet skeleton calls `run_blocks`, checkpoints use `other_layouts`, the
+optimizer `is_stacked`.
+
+When (model.block_loop): 'scan' always, 'unrolled' never, 'auto' (the
+default) only where it pays: forward-only measurements (SPPs) of networks
+deeper than AUTO_SCAN_MAX_UNROLLED_BLOCKS blocks, which are compile-bound,
+and never in training, where a scanned step is slower than an unrolled one
+and a run takes far more steps than the compile time it saves
+(docs/design.md). NF-RegNets always run unrolled.
 
 A deep network traced layer by layer compiles in time proportional to its
 depth (minutes for a ResNet-600 on CPU). Under a scan the layout is traced
@@ -20,6 +30,7 @@ its internal module; hence this module.
 """
 
 from collections.abc import Mapping
+import functools
 from typing import Callable, Sequence
 
 import haiku as hk
@@ -27,6 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnets import signal_stats
+
+BLOCK_LOOPS = ('auto', 'scan', 'unrolled')
+AUTO_SCAN_MAX_UNROLLED_BLOCKS = 32
 # The name the scanned layer function must give its top-level module.
 LAYER_NAME = 'layer'
 # Module names of stacked layers start with this (see stacked_name).
@@ -226,3 +241,106 @@ def unstack_modules(tree, groups: Sequence[Sequence[str]]):
       modules = _unstack_one_group(modules, flat_names)
     return modules
   return _map_module_dicts(unstack_all, tree)
+
+
+def scans(block_loop: str, num_blocks: int, forward_only: bool = False
+          ) -> bool:
+  """Whether a network of num_blocks blocks with model.block_loop =
+  block_loop runs its identical blocks scanned (module docstring)."""
+  if block_loop == 'auto':
+    return forward_only and num_blocks > AUTO_SCAN_MAX_UNROLLED_BLOCKS
+  return block_loop == 'scan'
+
+
+def scan_groups(plan) -> list[tuple[int, int]]:
+  """[(first index, count)] of the runs of >= 2 consecutive non-transition
+  blocks within a stage: the blocks a scan can share one trace for. plan:
+  block records with index, stage and is_transition."""
+  groups = []
+  for spec in plan:
+    if spec.is_transition:
+      continue
+    first, count = groups[-1] if groups else (-2, 0)
+    if first + count == spec.index and plan[first].stage == spec.stage:
+      groups[-1] = (first, count + 1)
+    else:
+      groups.append((spec.index, 1))
+  return [group for group in groups if group[1] >= 2]
+
+
+def _group_names(plan) -> list[list[str]]:
+  """The block module names each scan runs: [['block2', 'block3'], ...]."""
+  return [[f'block{index}' for index in range(first, first + count)]
+          for first, count in scan_groups(plan)]
+
+
+def convert_layout(tree, plan, scanned: bool):
+  """A params / state / optimizer state / train state tree of the network
+  of `plan` (or its shapes), rewritten to the scanned (stacked) layout or to
+  the unrolled (per-block) one. A tree already in that layout is returned
+  unchanged."""
+  groups = _group_names(plan)
+  if scanned:
+    return stack_modules(tree, groups)
+  return unstack_modules(tree, groups)
+
+
+def other_layouts(plan, scanned: bool) -> list:
+  """[(to_other, back)]: the conversions between the layout a network
+  stores (scanned or not) and the other one, for restoring a checkpoint
+  written in either; empty when no blocks would be scanned."""
+  if not scan_groups(plan):
+    return []
+  return [(functools.partial(convert_layout, plan=plan, scanned=not scanned),
+           functools.partial(convert_layout, plan=plan, scanned=scanned))]
+
+
+def run_blocks(make_block: Callable, plan, x, is_training: bool,
+               scanned: bool, recorder=None):
+  """x through every block of plan in order: x = block_i(x, expected_std_i,
+  drop_rate_i, is_training), block_i = make_block(spec_i, name='block<i>').
+
+  Blocks return (output, residual-branch output). With scanned=True each
+  run of identical blocks (`scan_groups`) is one scan, its parameters
+  stored under `stacked_name`. recorder: a signal_stats.SignalRecorder that
+  gets every block's statistics, or None. Call inside a Haiku module's
+  __call__. Returns the last block's output.
+  """
+  starts = dict(scan_groups(plan)) if scanned else {}
+  index = 0
+  while index < len(plan):
+    count = starts.get(index, 0)
+    if count:
+      x, stats = _scanned_blocks(make_block, plan[index:index + count], x,
+                                 is_training, recorder is not None)
+      if recorder is not None:
+        recorder.record_blocks(*stats)
+      index += count
+      continue
+    spec = plan[index]
+    x, branch = make_block(spec, name=f'block{index}')(
+        x, spec.expected_std, spec.drop_rate, is_training)
+    if recorder is not None:
+      recorder.record_block(x, branch)
+    index += 1
+  return x
+
+
+def _scanned_blocks(make_block, specs, x, is_training: bool,
+                    with_stats: bool):
+  """Blocks of one layout (consecutive non-transition specs) as one scan.
+  Returns (x, None or the per-block signal statistics: three [len(specs)]
+  arrays)."""
+
+  def one_block(x, expected_std, drop_rate):
+    x, branch = make_block(specs[0], name=LAYER_NAME)(
+        x, expected_std, drop_rate, is_training)
+    if not with_stats:
+      return x, None
+    return x, (*signal_stats.channel_stats(x),
+               signal_stats.channel_stats(branch)[1])
+
+  return scan_layers(
+      one_block, [f'block{spec.index}' for spec in specs], x,
+      jnp.array([spec.expected_std for spec in specs], jnp.float32),
+      jnp.array([spec.drop_rate for spec in specs], jnp.float32))

@@ -10,6 +10,7 @@ import pytest
 from nfnets import counting
 from nfnets import resnet
 from nfnets import spp
+from nfnets import stacking
 from conftest import jitted
 
 
@@ -286,9 +287,15 @@ def test_scan_groups_are_the_runs_of_non_transition_blocks():
   plan = resnet.block_plan(resnet.make_config(depths=(1, 3, 2, 4)))
   # Stage starts (blocks 0, 1, 4, 6) are transitions; a lone block is not
   # worth a scan.
-  assert resnet.scan_groups(plan) == [(2, 2), (7, 3)]
+  assert stacking.scan_groups(plan) == [(2, 2), (7, 3)]
+  # 'auto': unrolled in training however deep, scanned in forward-only
+  # measurements beyond 32 blocks.
   assert not resnet.uses_scan(resnet.make_config(variant='ResNet600'))
   assert resnet.uses_scan(resnet.make_config(block_loop='scan'))
+  assert not stacking.scans('auto', 200)
+  assert stacking.scans('auto', 33, forward_only=True)
+  assert not stacking.scans('auto', 32, forward_only=True)
+  assert not stacking.scans('unrolled', 200, forward_only=True)
   with pytest.raises(ValueError, match="block_loop 'loop'.*allowed"):
     resnet.validate_config(resnet.make_config(block_loop='loop'))
 
@@ -311,11 +318,12 @@ def test_scanned_blocks_equal_unrolled_ones(name):
   assert scan_params[stacked]['w'].shape == (2,) + params[
       'resnet/block2/conv1']['w'].shape
   assert not any('block2' in module.split('/') for module in scan_params)
-  to_scan = functools.partial(resnet.convert_to_block_loop, config=config,
-                              block_loop='scan')
+  plan = resnet.block_plan(config)
+  to_scan = functools.partial(stacking.convert_layout, plan=plan,
+                              scanned=True)
   assert (jax.tree.map(np.shape, (scan_params, scan_state))
           == jax.tree.map(np.shape, to_scan((params, state))))
-  back = resnet.convert_to_block_loop(to_scan(params), config, 'unrolled')
+  back = stacking.convert_layout(to_scan(params), plan, scanned=False)
   jax.tree.map(np.testing.assert_array_equal, back, params)
   results = {}
   for loop, model in models.items():
@@ -328,8 +336,8 @@ def test_scanned_blocks_equal_unrolled_ones(name):
       results[loop] = jax.jit(jax.grad(loss, has_aux=True))(params)
     else:
       results[loop] = jax.jit(loss)(params)[1]
-  results['scan'] = resnet.convert_to_block_loop(results['scan'], config,
-                                                 'unrolled')
+  results['scan'] = stacking.convert_layout(results['scan'], plan,
+                                            scanned=False)
   def close(scanned, unrolled):
     np.testing.assert_allclose(scanned, unrolled, rtol=2e-5,
                                atol=2e-5 * np.max(np.abs(unrolled)))

@@ -20,6 +20,7 @@ from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
 from nfnets import resnet
+from nfnets import stacking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [  # overrides for a few-second run of the quickstart config
@@ -369,8 +370,9 @@ def test_scanned_training_equals_unrolled_and_checkpoints_load_either_way(
     configs[loop] = config
   exps = {loop: experiment.Experiment(c) for loop, c in configs.items()}
   to_scan, to_unrolled = [
-      lambda tree, loop=loop: resnet.convert_to_block_loop(
-          tree, configs['scan'].model, loop) for loop in ('scan', 'unrolled')]
+      lambda tree, scanned=scanned: stacking.convert_layout(
+          tree, resnet.block_plan(configs['scan'].model), scanned)
+      for scanned in (True, False)]
   source = data.get_source(configs['scan'].data, 'train')
   batch = {'images': source.records.images[:32],
            'labels': source.records.labels[:32]}
