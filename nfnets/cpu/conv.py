@@ -55,16 +55,6 @@ def output_size(size: int, kernel: int, stride: int,
   return (size + pads[0] + pads[1] - kernel) // stride + 1
 
 
-def positive_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-  """(h, w) from an int or a pair of ints, all >= 1; ValueError naming
-  `name` and the value otherwise."""
-  pair = (value, value) if isinstance(value, int) else tuple(value)
-  if len(pair) != 2 or any(not isinstance(v, int) or v < 1 for v in pair):
-    raise ValueError(f'{name} must be a positive int or a pair of them '
-                     f'(H, W), got {value!r}.')
-  return pair
-
-
 def _validate(x_shape, weight_shape, stride, padding,
               feature_group_count) -> tuple[tuple[int, int], list]:
   """Checks the arguments; returns (stride pair, explicit [(lo, hi)] pads)."""
@@ -72,7 +62,11 @@ def _validate(x_shape, weight_shape, stride, padding,
     raise ValueError(f'conv2d expects x [N, H, W, C] and weight [kh, kw, '
                      f'C_in / groups, C_out]; got shapes {tuple(x_shape)} and '
                      f'{tuple(weight_shape)}.')
-  strides = positive_pair(stride, 'stride')
+  strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+  if len(strides) != 2 or any(not isinstance(s, int) or s < 1
+                              for s in strides):
+    raise ValueError(f'stride must be a positive int or a pair of them '
+                     f'(H, W), got {stride!r}.')
   if not isinstance(feature_group_count, int) or feature_group_count < 1:
     raise ValueError(f'feature_group_count must be a positive int, got '
                      f'{feature_group_count!r}.')
