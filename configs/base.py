@@ -1,9 +1,10 @@
 """The fields every training config has, with the ImageNet recipe as default.
 
-Values and their sources (paper-notes section 5, the reference code's
-ImageNet setup): batch 1024, 90 epochs, SGD + Nesterov momentum 0.9, learning
-rate 0.1 x batch / 256, 5 warmup epochs then cosine decay to 0, weight decay
-1e-4 off gains/biases/scalars, label smoothing 0.1, fp32.
+Values and their sources (the paper's ImageNet experiments and the
+reference code's ImageNet setup): batch 1024, 90 epochs, SGD + Nesterov
+momentum 0.9, learning rate 0.1 x batch / 256, 5 warmup epochs then cosine
+decay to 0, weight decay 1e-4 off gains/biases/scalars, label smoothing 0.1,
+fp32.
 """
 
 import ml_collections

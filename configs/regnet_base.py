@@ -2,9 +2,9 @@
 
 Every value below comes from the authors' reference code (deepmind-research
 nfnets/experiment_nf_regnets.py, nf_regnet.py, base.py and dataset.py;
-paper-notes section 9) unless its comment says otherwise. Everything not set
-here is the base recipe of configs/base.py (SGD + Nesterov 0.9, 5 warmup
-epochs, weight decay off gains/biases/scalars, fp32).
+the paper's NF-RegNet experiments) unless its comment says otherwise.
+Everything not set here is the base recipe of configs/base.py (SGD +
+Nesterov 0.9, 5 warmup epochs, weight decay off gains/biases/scalars, fp32).
 """
 
 import ml_collections
@@ -13,7 +13,7 @@ from configs import base
 from nfnets import regnet
 
 # experiment_nf_regnets.py: 5e-5 + 1e-5 per level up to B5. The reference
-# defines no value for B6-B8; we keep B5's 1e-4 (issue 8).
+# defines no value for B6-B8; we keep B5's 1e-4.
 WEIGHT_DECAY = {'B0': 5e-5, 'B1': 6e-5, 'B2': 7e-5, 'B3': 8e-5, 'B4': 9e-5,
                 'B5': 1e-4, 'B6': 1e-4, 'B7': 1e-4, 'B8': 1e-4}
 # dataset.py's eval crop: the short side is cropped to test / (test + 32)

@@ -13,8 +13,8 @@ in all taps everywhere). If padding is the cause, the residual variance
 depends on the feature-map side, not on the stage, and circular padding
 brings it back to 1 in every stage.
 
-  python docs/spp_stage4.py            # about 5 minutes on 2 CPU cores
-Writes docs/spp_stage4.txt.
+  python docs/spp/stage4.py            # about 3-5 minutes on 2 CPU cores
+Writes docs/spp/stage4.txt.
 """
 
 import os
@@ -26,16 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 from nfnets import layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import resnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nfnets import spp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-IMAGE_SIZES = (64, 128)  # 512 px (zero padding) is docs/spp_fig2_summary.txt
+IMAGE_SIZES = (64, 128)  # 512 px (zero padding) is docs/spp/fig2_summary.txt
 BATCH_SIZE = 8
 CONFIG = resnet.make_config(variant='ResNet600', alpha=1.0, skip_gain_init=1.0)
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      'spp_stage4.txt')
+                      'stage4.txt')
 
 
 def circular_padding(next_fn, args, kwargs, context):
