@@ -1,9 +1,17 @@
 """One accelerator benchmark run: train images/s, NF/BN ratios, fraction of
 the bf16 peak, and the training loop end to end.
 
+Runs wherever the project's requirements and a JAX for the accelerator are
+installed, from the repository root:
+
+  pip install -r requirements.txt
+  pip install "jax[cuda12]==0.10.2"              # NVIDIA GPUs
+  python -m benchmarks.gpu                       # -> runs/gpu-<UTC time>/
+  python -m benchmarks.gpu --outdir=DIR --budget_s=300
+
 Cases, in order of importance, each printed as soon as it is measured and
-written to --out_dir (gpu.json, gpu.md) after every case, so a run cut short
-keeps what it measured:
+written to --outdir (gpu.json, gpu.md) after every case, so a run cut short
+keeps what it measured; the report (gpu.md) is printed at the end:
 
   1. matmul: one large bf16 matrix product (the practical ceiling).
   2. Train step of nf_resnet50 and bn_resnet50 (both BatchNorm orderings) in
@@ -13,7 +21,7 @@ keeps what it measured:
   3. The other --configs (NF-RegNet-B0..B5 by default) at their own train
      image sizes.
   4. --loops: experiment.train_and_evaluate itself against the step alone
-     (benchmarks/train_loop.py), on fake in-memory data and on the real
+     (as benchmarks/train_loop.py), on fake in-memory data and on the real
      ImageNet pipeline (grain over array_record prepared by
      nfnets/prepare_imagenet.py from generated ILSVRC2012-layout tars of
      natural-looking JPEGs, one grain worker per CPU core).
@@ -22,13 +30,16 @@ keeps what it measured:
 if --min_case_s are left (and, for group 3, --reserve_s more for the loops),
 and its timed steps are cut to what the time left allows.
 
-  python benchmarks/gpu.py --out_dir=/tmp/gpu                    # a GPU
-  python benchmarks/gpu.py --batch=8 --image_size=64 --steps=1 \
-      --configs=nf_resnet50,bn_resnet50,nf_regnet_b0 --matmul_size=256 \
-      --loop_steps=3 --jpeg_images=24 --out_dir=/tmp/gpu       # CPU smoke
+On a CPU, tiny sizes check that every case runs (tests/test_benchmarks.py):
+
+  python -m benchmarks.gpu --batch=8 --image_size=32 --steps=1 \
+      --configs=quickstart --dtypes=float32 --matmul_size=64 \
+      --loop_config=quickstart --loop_image_size=32 --loop_steps=3 \
+      --loops=fake:float32,jpeg:float32 --jpeg_images=3 --num_workers=0
 """
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -42,15 +53,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
-import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
-import imagenet_fixtures  # pylint: disable=g-import-not-at-top,wrong-import-position
-import train_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import counting  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nfnets import prepare_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+import experiment
+from benchmarks import harness
+from nfnets import cli
+from nfnets import counting
+from nfnets import errors
 
 _REGNETS = [f'nf_regnet_b{i}' for i in range(6)]
 _CONFIGS = flags.DEFINE_list(
@@ -65,12 +72,14 @@ _SIZE = flags.DEFINE_integer(
     'image_size', 0, "px; 0 = each config's own train size (224 for the "
     'ResNets, 192-384 for NF-RegNet-B0..B5).')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed train steps per case (after '
-                              f'{train_loop.WARMUP_STEPS} warm-up steps).')
+                              f'{harness.WARMUP_STEPS} warm-up steps).')
 _LOOPS = flags.DEFINE_list(
     'loops', ['jpeg:bfloat16', 'fake:float32'],
-    'End-to-end loop cases DATA:DTYPE of nf_resnet50 (DATA fake = in-memory '
-    'uint8 arrays, jpeg = the ImageNet pipeline on generated JPEGs); empty = '
-    'none.')
+    'End-to-end loop cases DATA:DTYPE of --loop_config (DATA fake = '
+    'in-memory uint8 arrays, jpeg = the ImageNet pipeline on generated '
+    'JPEGs); empty = none.')
+_LOOP_CONFIG = flags.DEFINE_string('loop_config', 'nf_resnet50',
+                                   'Config module of the loop cases.')
 _LOOP_STEPS = flags.DEFINE_integer('loop_steps', 100, 'Timed steps of each '
                                    'loop case (like train_loop.py --steps).')
 _LOOP_SIZE = flags.DEFINE_integer('loop_image_size', 224, 'Loop cases: px.')
@@ -92,8 +101,11 @@ _RESERVE = flags.DEFINE_float('reserve_s', 150, 'Seconds kept for the loop '
                               'cases while group-3 configs run.')
 _CASE_S = flags.DEFINE_float('case_s', 20, 'At most this many seconds of '
                              'timed steps per step case.')
-_OUT_DIR = flags.DEFINE_string('out_dir', '', 'Folder for gpu.json and gpu.md '
-                               "(created); '' = print only.")
+_OUTDIR = flags.DEFINE_string(
+    'outdir', '', 'Folder for gpu.json and gpu.md, created; one that holds '
+    "results already is refused. '' = a new folder runs/gpu-<UTC date and "
+    'time> under the current one.')
+flags.DEFINE_alias('out_dir', 'outdir')
 _CACHE_DIR = flags.DEFINE_string(
     'compilation_cache_dir', os.path.join(tempfile.gettempdir(),
                                           'nfnets_jax_cache'),
@@ -164,32 +176,44 @@ def _check_flags() -> None:
     if dtype not in experiment.COMPUTE_DTYPES:
       raise errors.UserError(f'--dtypes: unknown {dtype!r}; allowed: '
                              f'{tuple(experiment.COMPUTE_DTYPES)}.')
+  outdir = _OUTDIR.value
+  if outdir and os.path.exists(outdir) and not os.path.isdir(outdir):
+    raise errors.UserError(f'--outdir={outdir} is a file, not a folder.')
+  for name in ('gpu.json', 'gpu.md'):
+    if outdir and os.path.exists(os.path.join(outdir, name)):
+      raise errors.UserError(f'--outdir={outdir} already holds results '
+                             f'({name}); name a new folder.')
+
+
+def _new_outdir() -> str:
+  """--outdir, or a new folder runs/gpu-<UTC date and time>."""
+  if _OUTDIR.value:
+    return _OUTDIR.value
+  base = os.path.join('runs', time.strftime('gpu-%Y%m%d-%H%M%S',
+                                            time.gmtime()))
+  path, count = base, 1
+  while os.path.exists(path):
+    count += 1
+    path = f'{base}-{count}'
+  return path
 
 
 def _step_config(name: str, dtype: str, bn_order: str | None = None):
   """A config for timing the train step on fake uint8 batches."""
-  config = train_loop.load_config(name)
+  config = harness.load_config(name)
   if bn_order is not None:
     config.model.bn_order = bn_order
-  config.compute_dtype = dtype
-  image_size = _SIZE.value or config.data.image_size
-  # Fake in-memory data: one batch's worth is enough (it is never read).
-  config.data.update(dict(name='fake', image_size=image_size,
-                          eval_image_size=0, num_workers=0,
-                          fake_train_size=_BATCH.value,
-                          fake_eval_size=_BATCH.value))
-  config.train.update(dict(batch_size=_BATCH.value,
-                           eval_batch_size=_BATCH.value, steps=10**6))
   try:
-    experiment.validate_config(config)
+    return harness.fake_config(config, _BATCH.value,
+                               _SIZE.value or config.data.image_size, dtype)
   except errors.UserError as e:
     raise errors.UserError(f'{name} ({dtype}): {e}') from None
-  return config
 
 
-def _loop_config(data: str, dtype: str, data_dir: str = ''):
-  """nf_resnet50 for train_and_evaluate on fake arrays or prepared JPEGs."""
-  config = train_loop.load_config('nf_resnet50')
+def _loop_config(data: str, dtype: str):
+  """--loop_config for train_and_evaluate on fake arrays or on prepared
+  JPEGs (data_dir set once they are prepared)."""
+  config = harness.load_config(_LOOP_CONFIG.value)
   config.compute_dtype = dtype
   config.data.image_size = _LOOP_SIZE.value
   config.data.eval_image_size = 0
@@ -197,13 +221,14 @@ def _loop_config(data: str, dtype: str, data_dir: str = ''):
     config.data.update(dict(name='fake', fake_train_size=1024,
                             fake_eval_size=256))
   else:
-    workers = _WORKERS.value if _WORKERS.value >= 0 else (
-        len(os.sched_getaffinity(0)))
-    config.data.update(dict(name='imagenet2012', data_dir=data_dir,
-                            num_workers=workers))
+    workers = _WORKERS.value if _WORKERS.value >= 0 else harness.cpu_count()
+    config.data.update(dict(name='imagenet2012', num_workers=workers,
+                            num_classes=1000))
+    config.model.num_classes = 1000  # ImageNet's (set for any config)
+    config.eval_split = 'validation'
   config.train.update(dict(batch_size=_BATCH.value,
                            eval_batch_size=_BATCH.value))
-  train_loop.set_loop_steps(config, _LOOP_STEPS.value)
+  harness.set_loop_steps(config, _LOOP_STEPS.value)
   experiment.validate_config(config)  # reads no data
   return config
 
@@ -231,29 +256,42 @@ def plan_cases() -> list[Case]:
       raise errors.UserError(
           f'--loops: bad {spec!r}; expected DATA:DTYPE with DATA fake or '
           f'jpeg and DTYPE one of {tuple(experiment.COMPUTE_DTYPES)}.')
-    cases.append(Case(f'loop nf_resnet50 {data} {dtype}', 'loop', 4,
+    cases.append(Case(f'loop {_LOOP_CONFIG.value} {data} {dtype}', 'loop', 4,
                       _loop_config(data, dtype), data))
   return cases
 
 
-class Report:
-  """Results so far, rewritten to out_dir after every case."""
+def _package_versions() -> dict:
+  """Versions of the installed packages that decide the numbers."""
+  versions = {}
+  for name in ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin',
+               'libtpu', 'dm-haiku', 'optax', 'numpy', 'grain',
+               'tensorflow-datasets'):
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return versions
 
-  def __init__(self, out_dir: str, device_kind: str, peak: float | None):
-    self.out_dir = out_dir
+
+class Report:
+  """Results so far, rewritten to outdir after every case."""
+
+  def __init__(self, outdir: str, device_kind: str, peak: float | None):
+    self.outdir = outdir
     self.peak = peak
     self.header = dict(
         device_kind=device_kind, device_count=jax.device_count(),
         platform=jax.devices()[0].platform, jax=jax.__version__,
-        cpu_cores=len(os.sched_getaffinity(0)), batch=_BATCH.value,
+        python=sys.version.split()[0], packages=_package_versions(),
+        cpu_cores=harness.cpu_count(), batch=_BATCH.value,
         bf16_peak_tflops_per_device=peak,
         peak_source=('--peak_tflops' if _PEAK.value else
                      'datasheet, dense, no sparsity' if peak else
                      'unknown device kind: fraction of peak not computed'),
         flops_convention=FLOPS_CONVENTION)
     self.rows, self.skipped = [], []
-    if out_dir:
-      os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(outdir, exist_ok=True)
 
   def ratios(self) -> list[dict]:
     """NF/BN step images/s per dtype and BatchNorm ordering."""
@@ -277,26 +315,18 @@ class Report:
     self._write()
 
   def _write(self) -> None:
-    if not self.out_dir:
-      return
     result = dict(self.header, cases=self.rows, nf_over_bn=self.ratios(),
                   skipped=self.skipped)
     for name, text in (('gpu.json', json.dumps(result, indent=1)),
                        ('gpu.md', self.markdown())):
-      path = os.path.join(self.out_dir, name)
+      path = os.path.join(self.outdir, name)
       with open(path + '.tmp', 'w') as f:
         f.write(text + '\n')
       os.replace(path + '.tmp', path)  # a cut-off run leaves whole files
 
   def markdown(self) -> str:
     h = self.header
-    lines = [f'{h["device_count"]} x {h["device_kind"]}, jax {h["jax"]}, '
-             f'{h["cpu_cores"]} CPU cores, global batch {h["batch"]}; bf16 '
-             f'peak {h["bf16_peak_tflops_per_device"]} TFLOP/s per device '
-             f'({h["peak_source"]}).', '',
-             '| case | px | images/s | ms/step | timed steps | GMACs/img | '
-             'TFLOP/s | of bf16 peak | setup s | note |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+    rows = []
     for r in self.rows:
       if r['kind'] == 'loop':
         continue
@@ -306,28 +336,32 @@ class Report:
           (str(r['image_size']), f'{r["images_per_second"]:,.0f}',
            f'{r["gmacs_per_image"]:.2f}', f'{r["setup_seconds"]:.0f}')
           if step else ('', '', '', ''))
-      lines.append(
-          f'| {r["case"]} | {size} | {rate} | '
-          f'{1e3 * r["seconds_per_step"]:.1f} | {r["steps"]} | {gmacs} | '
-          f'{r["tflops"]:.1f} | '
-          f'{"" if fraction is None else f"{100 * fraction:.1f}%"} | '
-          f'{setup} | {r["note"]} |')
+      rows.append([r['case'], size, rate, f'{1e3 * r["seconds_per_step"]:.1f}',
+                   r['steps'], gmacs, f'{r["tflops"]:.1f}',
+                   '' if fraction is None else f'{100 * fraction:.1f}%',
+                   setup, r['note']])
+    lines = [f'{h["device_count"]} x {h["device_kind"]}, jax {h["jax"]}, '
+             f'{h["cpu_cores"]} CPU cores, global batch {h["batch"]}; bf16 '
+             f'peak {h["bf16_peak_tflops_per_device"]} TFLOP/s per device '
+             f'({h["peak_source"]}).', '', harness.markdown_table(
+                 ['case', 'px', 'images/s', 'ms/step', 'timed steps',
+                  'GMACs/img', 'TFLOP/s', 'of bf16 peak', 'setup s', 'note'],
+                 rows)]
     if self.ratios():
-      lines += ['', '| dtype | BN ordering | NF/BN step images/s (goal >= '
-                '1.0) |', '|---|---|---|']
-      lines += [f'| {q["dtype"]} | {q["bn_order"]} | {q["nf_over_bn"]:.3f} |'
-                for q in self.ratios()]
+      lines += ['', harness.markdown_table(
+          ['dtype', 'BN ordering', 'NF/BN step images/s (goal >= 1.0)'],
+          [[q['dtype'], q['bn_order'], f'{q["nf_over_bn"]:.3f}']
+           for q in self.ratios()])]
     loops = [r for r in self.rows if r['kind'] == 'loop']
     if loops:
-      lines += ['', '| loop case | workers | step images/s | loop images/s | '
-                'loop/step (goal >= 0.9) | data wait | note |',
-                '|---|---|---|---|---|---|---|']
-      lines += [f'| {r["case"]} | {r["num_workers"]} | '
-                f'{r["step_images_per_second"]:,.0f} | '
-                f'{r["loop_images_per_second"]:,.0f} | '
-                f'{r["loop_over_step"]:.3f} | '
-                f'{100 * r["data_wait_fraction"]:.0f}% | {r["note"]} |'
-                for r in loops]
+      lines += ['', harness.markdown_table(
+          ['loop case', 'workers', 'step images/s', 'loop images/s',
+           'loop/step (goal >= 0.9)', 'data wait', 'note'],
+          [[r['case'], r['num_workers'], f'{r["step_images_per_second"]:,.0f}',
+            f'{r["loop_images_per_second"]:,.0f}',
+            f'{r["loop_over_step"]:.3f}',
+            f'{100 * r["data_wait_fraction"]:.0f}%', r['note']]
+           for r in loops])]
     if self.skipped:
       lines += ['', 'Skipped: ' + '; '.join(
           f'{s["case"]} ({s["reason"]})' for s in self.skipped)]
@@ -347,13 +381,9 @@ def run_matmul(case: Case, peak: float | None) -> dict:
   keys = jax.random.split(jax.random.key(0))
   a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in keys)
   product = jax.jit(jnp.matmul)
-  product(a, b).block_until_ready()
   repeats = 10
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = product(a, b)
-  out.block_until_ready()
-  seconds = (time.perf_counter() - start) / repeats
+  seconds = harness.time_calls(lambda: product(a, b), repeats,
+                               warmup=1) / repeats
   return dict(case=case.name, kind='matmul', seconds_per_step=seconds,
               steps=repeats, note='one device, random normal inputs',
               **_throughput(2 * n**3 / seconds, peak))
@@ -363,7 +393,7 @@ def run_step(case: Case, peak: float | None, max_seconds: float) -> dict:
   config = case.config
   size = config.data.image_size
   _, macs = counting.count_params_and_macs(config.model, size)
-  timing = train_loop.time_train_step(config, _STEPS.value, max_seconds)
+  timing = harness.time_loop_step(config, _STEPS.value, max_seconds)
   rate = timing.images_per_second
   return dict(case=case.name, kind='step', image_size=size,
               images_per_second=rate,
@@ -375,20 +405,6 @@ def run_step(case: Case, peak: float | None, max_seconds: float) -> dict:
                             peak and peak * jax.device_count()))
 
 
-def _prepare_jpegs(root: str) -> str:
-  """ILSVRC2012-layout tars of generated JPEGs, prepared as array_record;
-  returns the tfds data_dir."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds.disable_progress_bar()  # its bars would fill the log
-  per_class = max(1, _JPEG_IMAGES.value // len(imagenet_fixtures.SYNSETS))
-  imagenet_fixtures.write_manual_dir(os.path.join(root, 'manual'),
-                                     per_class=per_class, num_val=8)
-  data_dir = os.path.join(root, 'data')
-  prepare_imagenet.prepare(os.path.join(root, 'manual'), data_dir,
-                           allow_subset=True)
-  return data_dir
-
-
 def run_loop(case: Case, deadline: float) -> dict:
   """Step, loop, step (the second step timing only if time is left, from
   the compilation cache); the ratio uses the mean of the step timings."""
@@ -397,18 +413,16 @@ def run_loop(case: Case, deadline: float) -> dict:
     if case.data == 'jpeg':
       start = time.perf_counter()
       root = tempfile.mkdtemp(prefix='nfnets_gpu_')
-      config.data.data_dir = _prepare_jpegs(root)
-      images = (_JPEG_IMAGES.value // len(imagenet_fixtures.SYNSETS)
-                * len(imagenet_fixtures.SYNSETS))
+      config.data.data_dir, images = harness.prepare_jpegs(
+          root, _JPEG_IMAGES.value, num_val=8)
       notes.append(f'{images} generated JPEGs (240x320 to 500x500 px, '
                    f'20-60 KB; ImageNet averages ~110 KB) prepared in '
                    f'{time.perf_counter() - start:.0f} s')
-    steps = [train_loop.time_train_step(config, _LOOP_STEPS.value,
-                                        _CASE_S.value)]
-    loop, wait = train_loop.loop_images_per_second(config)
+    steps = [harness.time_loop_step(config, _LOOP_STEPS.value, _CASE_S.value)]
+    loop, wait = harness.loop_images_per_second(config)
     if deadline - time.time() > steps[0].setup_seconds + _CASE_S.value + 10:
-      steps.append(train_loop.time_train_step(config, _LOOP_STEPS.value,
-                                              _CASE_S.value))
+      steps.append(harness.time_loop_step(config, _LOOP_STEPS.value,
+                                          _CASE_S.value))
     else:
       notes.append('one step timing (no time for the second)')
   finally:
@@ -459,13 +473,14 @@ def main(argv):
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   device_kind = jax.devices()[0].device_kind
   peak = bf16_peak_tflops(device_kind)
-  report = Report(_OUT_DIR.value, device_kind, peak)
+  report = Report(_new_outdir(), device_kind, peak)
   print(f'devices: {jax.device_count()} x {device_kind} '
         f'({jax.devices()[0].platform}), jax {jax.__version__}; '
         f'{report.header["cpu_cores"]} CPU cores; bf16 peak: '
         + (f'{peak:g} TFLOP/s per device ({report.header["peak_source"]})'
            if peak else report.header['peak_source'])
-        + f'; {len(cases)} cases, budget {_BUDGET.value:.0f} s', flush=True)
+        + f'; {len(cases)} cases, budget {_BUDGET.value:.0f} s; results in '
+        f'{report.outdir}', flush=True)
   print(FLOPS_CONVENTION, flush=True)
   for index, case in enumerate(cases):
     left = deadline - time.time()
@@ -501,7 +516,8 @@ def main(argv):
           flush=True)
     report.add(row)
   print(f'\ndone in {time.time() - start:.0f} s of a {_BUDGET.value:.0f} s '
-        'budget\n', flush=True)
+        f'budget; results in {report.outdir}/ (gpu.json, gpu.md)\n',
+        flush=True)
   print(report.markdown(), flush=True)
 
 

@@ -5,37 +5,33 @@ tests/imagenet_fixtures.py), prepares them with tfds (array_record), then
 times the full train path for each grain worker count: read record, JPEG
 decode, Inception crop, flip, resize to 224, batch.
 
-  python benchmarks/input_pipeline.py --images=2000 --workers=0,1,2
+  python -m benchmarks.input_pipeline --images=2000 --workers=0,1,2
 
 --compare: times the per-image transforms alone, the PIL path (PIL draft
-decode + PIL antialiased bilinear resize, the previous default) and the
+decode + PIL antialiased bilinear resize) and the
 simplejpeg path (libjpeg-turbo decode + one OpenCV warp, the default),
 alternately on the same JPEGs with the same crops, in one process; pin it
 to one core for a per-core figure:
 
-  taskset -c 0 python benchmarks/input_pipeline.py --compare --rounds=5
+  taskset -c 0 python -m benchmarks.input_pipeline --compare --rounds=5
 
 --accelerator_rate (images/s one accelerator trains at) adds how many
 cores at the measured per-core rate feed it.
 """
 
-import os
 import shutil
-import statistics
-import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tests'))
-import imagenet_fixtures  # pylint: disable=g-import-not-at-top
-from nfnets import data  # pylint: disable=g-import-not-at-top
-from nfnets import prepare_imagenet  # pylint: disable=g-import-not-at-top
+from benchmarks import harness
+from nfnets import cli
+from nfnets import data
+from nfnets import errors
+from tests import imagenet_fixtures
 
 _IMAGES = flags.DEFINE_integer('images', 2000, 'JPEGs to generate.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
@@ -59,17 +55,17 @@ def _validate():
   for name, value in (('images', _IMAGES.value), ('batch', _BATCH.value),
                       ('rounds', _ROUNDS.value)):
     if value < 1:
-      raise ValueError(f'--{name} must be >= 1, got {value}.')
+      raise errors.UserError(f'--{name} must be >= 1, got {value}.')
   if _SIZE.value < 1:
-    raise ValueError(f'--image_size must be >= 1, got {_SIZE.value}.')
+    raise errors.UserError(f'--image_size must be >= 1, got {_SIZE.value}.')
   if _SECONDS.value <= 0:
-    raise ValueError(f'--seconds must be > 0, got {_SECONDS.value}.')
+    raise errors.UserError(f'--seconds must be > 0, got {_SECONDS.value}.')
   if not all(w.isdigit() for w in _WORKERS.value):
-    raise ValueError(f'--workers {_WORKERS.value}: expected counts >= 0, '
-                     'e.g. 0,1,2.')
+    raise errors.UserError(f'--workers {_WORKERS.value}: expected counts '
+                           '>= 0, e.g. 0,1,2.')
   if _ACCELERATOR_RATE.value < 0:
-    raise ValueError(f'--accelerator_rate must be >= 0, got '
-                     f'{_ACCELERATOR_RATE.value}.')
+    raise errors.UserError(f'--accelerator_rate must be >= 0, got '
+                           f'{_ACCELERATOR_RATE.value}.')
 
 
 def _feeding(rate_per_core: float) -> str:
@@ -100,34 +96,39 @@ def compare() -> None:
   jpegs = [imagenet_fixtures.natural_jpeg(i, *_SHAPES[i % len(_SHAPES)])
            for i in range(_IMAGES.value)]
   print(f'{len(jpegs)} JPEGs, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f}'
-        f' KB; {len(os.sched_getaffinity(0))} CPUs usable by this process',
+        f' KB; {harness.cpu_count()} CPUs usable by this process',
         flush=True)
   transforms = {'train': _train_transform, 'eval': _eval_transform}
-  rates = {}
-  for round_index in range(_ROUNDS.value):
-    backends = data.DECODE_BACKENDS[::-1 if round_index % 2 else 1]
-    for mode, transform in transforms.items():
-      for backend in backends:
-        rng = np.random.default_rng(round_index)  # same crops for both
-        start = time.perf_counter()
-        for jpeg in jpegs:
-          transform(jpeg, rng, backend)
-        rates.setdefault((mode, backend), []).append(
-            len(jpegs) / (time.perf_counter() - start))
+  round_seed = [0]  # the round's crops, the same for both backends
+
+  def measure(mode, backend):
+    rng = np.random.default_rng(round_seed[0])
+    start = time.perf_counter()
+    for jpeg in jpegs:
+      transforms[mode](jpeg, rng, backend)
+    return len(jpegs) / (time.perf_counter() - start)
+
+  def after_round(round_index, rates):
     print(f'round {round_index + 1}/{_ROUNDS.value}: ' + ', '.join(
         f'{mode} {backend} {rates[mode, backend][-1]:.0f}/s'
         for mode in transforms for backend in data.DECODE_BACKENDS),
           flush=True)
-  print(f'\n| {_SIZE.value} px, one process | '
-        + ' | '.join(f'{b} images/s' for b in data.DECODE_BACKENDS)
-        + ' | ratio |\n|---|---|---|---|')
+    round_seed[0] = round_index + 1
+
+  rates = harness.alternate(_ROUNDS.value, list(transforms),
+                            data.DECODE_BACKENDS, measure, after_round)
+  medians = harness.medians(rates)
+  rows = []
   for mode in transforms:
-    medians = [statistics.median(rates[mode, b])
-               for b in data.DECODE_BACKENDS]
-    print(f'| {mode} transform | ' + ' | '.join(f'{m:.0f}' for m in medians)
-          + f' | {medians[0] / medians[1]:.2f} |')
+    rates_by_backend = [medians[mode, b] for b in data.DECODE_BACKENDS]
+    rows.append([f'{mode} transform']
+                + [f'{m:.0f}' for m in rates_by_backend]
+                + [f'{rates_by_backend[0] / rates_by_backend[1]:.2f}'])
+  print('\n' + harness.markdown_table(
+      [f'{_SIZE.value} px, one process']
+      + [f'{b} images/s' for b in data.DECODE_BACKENDS] + ['ratio'], rows))
   print(f'(medians of {_ROUNDS.value} alternating rounds'
-        f'{_feeding(statistics.median(rates["train", "simplejpeg"]))} with '
+        f'{_feeding(medians["train", "simplejpeg"])} with '
         'the simplejpeg train transform on one core)')
 
 
@@ -141,20 +142,15 @@ def workers() -> None:
 
 
 def _time_workers(root: str) -> None:
-  per_class = max(1, _IMAGES.value // len(imagenet_fixtures.SYNSETS))
   start = time.time()
-  imagenet_fixtures.write_manual_dir(os.path.join(root, 'manual'),
-                                     per_class=per_class, num_val=10)
-  prepare_imagenet.prepare(os.path.join(root, 'manual'),
-                           os.path.join(root, 'data'), allow_subset=True)
-  print(f'prepared {per_class * len(imagenet_fixtures.SYNSETS)} JPEGs in '
-        f'{time.time() - start:.0f} s; {len(os.sched_getaffinity(0))}'
-        f' CPUs usable by this process')
-  print(f'| grain workers | images/s ({_SIZE.value} px, batch {_BATCH.value})'
-        ' |\n|---|---|')
+  data_dir, images = harness.prepare_jpegs(root, _IMAGES.value, num_val=10)
+  print(f'prepared {images} JPEGs in {time.time() - start:.0f} s; '
+        f'{harness.cpu_count()} CPUs usable by this process')
+  print(harness.markdown_table(
+      ['grain workers', f'images/s ({_SIZE.value} px, batch {_BATCH.value})']))
   for count in map(int, _WORKERS.value):
     config = ml_collections.ConfigDict(dict(
-        name='imagenet2012', data_dir=os.path.join(root, 'data'),
+        name='imagenet2012', data_dir=data_dir,
         image_size=_SIZE.value, augment=True, eval_crop_fraction=0.875,
         num_classes=1000, num_workers=count))
     iterator = data.train_iterator(config, _BATCH.value, seed=0)
@@ -164,15 +160,12 @@ def _time_workers(root: str) -> None:
     while time.time() - start < _SECONDS.value:
       images += len(next(iterator)['labels'])
     rate = images / (time.time() - start)
-    print(f'| {count} | {rate:.0f} |', flush=True)
+    print(harness.table_row([count, f'{rate:.0f}']), flush=True)
 
 
 def main(argv):
   del argv
-  try:
-    _validate()
-  except ValueError as e:
-    sys.exit(f'input_pipeline.py: {e}')
+  _validate()
   if _COMPARE.value:
     compare()
   else:
@@ -180,4 +173,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

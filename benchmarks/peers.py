@@ -17,35 +17,27 @@ process may use.
 
 Each timed measurement follows a pause (--settle_seconds) and untimed
 warm-up steps (--warmup_steps) of the same side. After its measurement ours
-gives back the host memory its CPU steps keep (nfnets/cpu/runtime.py): on a
-VM, an idle process holding it made timm's steps 20-30% slower.
+gives back the host memory its CPU steps keep (nfnets/cpu/runtime.py): an
+idle process holding it slows the peer's steps.
 
   bash benchmarks/setup_peers.sh        # once
-  python benchmarks/peers.py --image_sizes=64,224 --batch=32 --rounds=5 \
+  python -m benchmarks.peers --image_sizes=64,224 --batch=32 --rounds=5 \
       --steps=3
 """
 
 import json
 import os
-import statistics
 import subprocess
-import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-sys.path.insert(0, _ROOT)
-import experiment  # pylint: disable=g-import-not-at-top
-import train_loop  # pylint: disable=g-import-not-at-top
-from nfnets.cpu import runtime as cpu_runtime  # pylint: disable=g-import-not-at-top
-from nfnets import errors  # pylint: disable=g-import-not-at-top
-from nfnets import models  # pylint: disable=g-import-not-at-top
+from benchmarks import harness
+from nfnets import cli
+from nfnets import errors
+from nfnets import models
+from nfnets.cpu import runtime as cpu_runtime
 
 MODES = ('train', 'forward')
 
@@ -70,7 +62,7 @@ _SETTLE = flags.DEFINE_float(
     'the other side\'s worker threads (torch\'s OpenMP threads spin after '
     'each parallel region) are idle when the clock starts.')
 _PEER_PYTHON = flags.DEFINE_string(
-    'peer_python', os.path.join(_ROOT, '.venv-peers', 'bin', 'python'),
+    'peer_python', os.path.join(harness.ROOT, '.venv-peers', 'bin', 'python'),
     'Python of the peer environment (benchmarks/setup_peers.sh makes it).')
 
 
@@ -104,63 +96,28 @@ class Ours:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    self._cases = {}
+    self._steps = {}
 
-  def _case(self, size: int) -> dict:
-    if size not in self._cases:
-      config = self.config.copy_and_resolve_references()
-      config.data.update(dict(name='fake', image_size=size, num_workers=0,
-                              fake_train_size=self.batch,
-                              fake_eval_size=self.batch))
-      config.train.update(dict(batch_size=self.batch,
-                               eval_batch_size=self.batch, steps=1000))
-      config.compute_dtype = 'float32'
-      exp = experiment.Experiment(config)
-      rng = np.random.default_rng(size)
-      state = exp.init_state()
-      eval_params = jax.tree.map(jnp.copy, (state['params'],
-                                            state['bn_state']))
-      self._cases[size] = dict(
-          exp=exp, state=state, eval_params=eval_params,
-          train_batch={
-              'images': rng.integers(0, 256, (self.batch, size, size, 3),
-                                     dtype=np.uint8),
-              'labels': rng.integers(0, config.model.num_classes,
-                                     (self.batch,), dtype=np.int32)},
-          forward_images=jax.device_put(rng.standard_normal(
-              (self.batch, size, size, 3), dtype=np.float32)),
-          forward=jax.jit(lambda p, s, x, exp=exp: exp.model.apply(
-              p, s, None, x, is_training=False)[0]))
-    return self._cases[size]
+  def _step(self, size: int) -> harness.TrainStep:
+    if size not in self._steps:
+      self._steps[size] = harness.TrainStep(
+          harness.fake_config(self.config, self.batch, size), seed=size,
+          forward=True)
+    return self._steps[size]
 
   def parameters(self) -> int:
-    size = next(iter(self._cases))
-    params = self._cases[size]['eval_params'][0]
+    params = next(iter(self._steps.values())).eval_params[0]
     return sum(leaf.size for leaf in jax.tree.leaves(params))
 
   def train(self, size: int, steps: int) -> float:
-    case = self._case(size)
-    exp, state, metrics = case['exp'], case['state'], None
-    start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = exp.train_step(state, case['train_batch'])
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    case['state'] = state  # the old one was donated
-    return seconds
+    return self._step(size).train(steps)
 
   def forward(self, size: int, steps: int) -> float:
-    case = self._case(size)
-    params, bn_state = case['eval_params']
-    start = time.perf_counter()
-    for _ in range(steps):
-      logits = case['forward'](params, bn_state, case['forward_images'])
-    jax.block_until_ready(logits)
-    return time.perf_counter() - start
+    return self._step(size).forward(steps)
 
   def hand_over(self) -> None:
     """Before the peer runs: gives back the host memory our steps keep
-    (nfnets/cpu/runtime.py), which on a VM slowed the peer by 20-30%."""
+    (nfnets/cpu/runtime.py), which would slow the peer."""
     cpu_runtime.release_kept_memory()
 
 
@@ -170,11 +127,11 @@ class Peer:
   def __init__(self, python: str, model: str, batch: int, threads: int,
                dropout_rate: float, drop_path_rate: float):
     self.process = subprocess.Popen(
-        [python, os.path.join(_ROOT, 'benchmarks', 'peers_timm.py'),
-         f'--model={model}', f'--batch={batch}', f'--threads={threads}',
+        [python, '-m', 'benchmarks.peers_timm', f'--model={model}', f'--batch={batch}', f'--threads={threads}',
          f'--dropout_rate={dropout_rate}',
          f'--drop_path_rate={drop_path_rate}'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        cwd=harness.ROOT)
     self.info = json.loads(self._reply('ready'))
 
   def _reply(self, expected: str) -> str:
@@ -209,70 +166,68 @@ class Peer:
 
 def table(rates: dict, cases, batch: int, model_name: str,
           timm_model: str) -> str:
-  """Markdown table of median images/s; rates[(mode, size, who)] = list."""
+  """Markdown table of median images/s; rates[(mode, size), who] = list."""
   label = {'train': 'train step', 'forward': 'forward only'}
-  lines = [f'| {model_name}, batch {batch}, float32 | this project, images/s '
-           f'| timm {timm_model}, images/s | ratio ours/timm |',
-           '|---|---|---|---|']
-  for mode, size in cases:
-    ours = statistics.median(rates[mode, size, 'ours'])
-    theirs = statistics.median(rates[mode, size, 'timm'])
-    lines.append(f'| {label[mode]}, {size} px | {ours:.1f} | {theirs:.1f} | '
-                 f'{ours / theirs:.2f} |')
-  return '\n'.join(lines)
+  medians = harness.medians(rates)
+  rows = []
+  for case in cases:
+    ours, theirs = medians[case, 'ours'], medians[case, 'timm']
+    rows.append([f'{label[case[0]]}, {case[1]} px', f'{ours:.1f}',
+                 f'{theirs:.1f}', f'{ours / theirs:.2f}'])
+  return harness.markdown_table(
+      [f'{model_name}, batch {batch}, float32', 'this project, images/s',
+       f'timm {timm_model}, images/s', 'ratio ours/timm'], rows)
 
 
 def run(config, title, sizes, modes, batch, rounds, steps, peer_python,
         timm_model, settle_seconds, warmup_steps) -> str:
   """Times every (mode, size) case; returns the header and markdown table."""
-  threads = len(os.sched_getaffinity(0))
+  threads = harness.cpu_count()
   peer = Peer(peer_python, timm_model, batch, threads,
               config.model.get('dropout_rate', 0.0),
               config.model.get('stochastic_depth_rate', 0.0))
   try:
-    ours = Ours(config, batch)
+    sides = {'ours': Ours(config, batch), 'timm': peer}
     cases = [(mode, size) for size in sizes for mode in modes]
     for mode, size in cases:  # compile / first-call costs, untimed
-      getattr(ours, mode)(size, 1)
-      getattr(peer, mode)(size, 1)
-    print(f'parameters: ours {ours.parameters():,}, timm '
+      for side in sides.values():
+        getattr(side, mode)(size, 1)
+    print(f'parameters: ours {sides["ours"].parameters():,}, timm '
           f'{peer.info["parameters"]:,}', flush=True)
-    rates = {}
-    for round_index in range(rounds):
-      order = (('ours', ours), ('timm', peer))
-      if round_index % 2:
-        order = order[::-1]
-      for mode, size in cases:
-        for who, model in order:
-          time.sleep(settle_seconds)
-          if warmup_steps:  # untimed: each side timed in its steady state
-            getattr(model, mode)(size, warmup_steps)
-          seconds = getattr(model, mode)(size, steps)
-          model.hand_over()
-          rates.setdefault((mode, size, who), []).append(
-              batch * steps / seconds)
+
+    def measure(case, who):
+      (mode, size), side = case, sides[who]
+      time.sleep(settle_seconds)
+      if warmup_steps:  # untimed: each side timed in its steady state
+        getattr(side, mode)(size, warmup_steps)
+      seconds = getattr(side, mode)(size, steps)
+      side.hand_over()
+      return batch * steps / seconds
+
+    def after_round(round_index, rates):
       print(f'round {round_index + 1}/{rounds}: ' + ', '.join(
-          f'{mode} {size} px ours {rates[mode, size, "ours"][-1]:.1f} timm '
-          f'{rates[mode, size, "timm"][-1]:.1f}' for mode, size in cases),
+          f'{mode} {size} px ours {rates[(mode, size), "ours"][-1]:.1f} timm '
+          f'{rates[(mode, size), "timm"][-1]:.1f}' for mode, size in cases),
             flush=True)
+
+    rates = harness.alternate(rounds, cases, ('ours', 'timm'), measure,
+                              after_round)
   finally:
     peer.close()
   header = (
       f'{len(jax.devices())} {jax.default_backend()} device(s); {threads} '
-      f'CPUs; jax {jax.__version__}, XLA_FLAGS='
-      f'{os.environ.get("XLA_FLAGS", "")!r}; torch {peer.info["torch"]} '
-      f'({peer.info["threads"]} threads), timm {peer.info["timm"]}; medians '
-      f'of {rounds} alternating rounds of {steps} steps, each after a '
-      f'{settle_seconds:g} s pause and {warmup_steps} untimed step(s)')
+      f'CPUs; jax {jax.__version__}, XLA_FLAGS={harness.xla_flags()}; torch '
+      f'{peer.info["torch"]} ({peer.info["threads"]} threads), timm '
+      f'{peer.info["timm"]}; medians of {rounds} alternating rounds of '
+      f'{steps} steps, each after a {settle_seconds:g} s pause and '
+      f'{warmup_steps} untimed step(s)')
   return header + '\n\n' + table(rates, cases, batch, title, timm_model)
 
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:  # JAX's backend-probe INFO lines
-    logging.set_verbosity(logging.WARNING)
+  config = harness.load_config(_CONFIG.value)
   try:
-    config = train_loop.load_config(_CONFIG.value)
     if not all(s.isdigit() for s in _SIZES.value):
       raise ValueError(f'--image_sizes {_SIZES.value}: expected whole '
                        'numbers of pixels, e.g. 64,224.')
@@ -280,8 +235,7 @@ def main(argv):
     validate(config, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
              _STEPS.value, _PEER_PYTHON.value, _SETTLE.value, _WARMUP.value)
   except ValueError as e:
-    print(f'peers.py: {e}', file=sys.stderr)
-    sys.exit(errors.USER_ERROR_EXIT_CODE)
+    raise errors.UserError(str(e)) from None
   title = {'nf_resnet50': 'NF-ResNet-50'}.get(_CONFIG.value, _CONFIG.value)
   print(run(config, title, sizes, _MODES.value, _BATCH.value, _ROUNDS.value,
             _STEPS.value, _PEER_PYTHON.value, _TIMM_MODEL.value,
@@ -289,4 +243,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,7 +1,7 @@
 """timm's NF-ResNet-50 as a timing server, run in .venv-peers (never in the
 project's environment: torch is not a project dependency).
 
-benchmarks/peers.py starts this file once and drives it over stdin/stdout,
+benchmarks/peers.py starts this module once and drives it over stdin/stdout,
 one request per line, so that its runs and the project's alternate in one
 sitting:
 
@@ -16,7 +16,7 @@ train = forward + backward + SGD step (Nesterov momentum 0.9, weight decay
 on), the same recipe as configs/nf_resnet50.py; forward = eval mode under
 torch.inference_mode(). float32, NCHW, random inputs made once per size.
 
-  .venv-peers/bin/python benchmarks/peers_timm.py --check
+  .venv-peers/bin/python -m benchmarks.peers_timm --check
 builds the model and runs one forward on a 1x3x64x64 input (the setup
 check of benchmarks/setup_peers.sh).
 """

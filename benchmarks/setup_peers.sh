@@ -17,4 +17,4 @@ if [ "$build" != cpu ]; then
   echo "note: torch in $venv is a CUDA $build build (PyPI's default); it" \
        "runs on CPU, but the CPU wheel (torch==2.13.0+cpu) is smaller." >&2
 fi
-"$venv/bin/python" benchmarks/peers_timm.py --check
+"$venv/bin/python" -m benchmarks.peers_timm --check

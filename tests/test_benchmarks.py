@@ -1,55 +1,107 @@
-"""The benchmarks refuse bad input with one line before compiling."""
+"""The benchmarks refuse bad input with one line before compiling; the GPU
+benchmark runs every kind of case on a CPU at tiny sizes."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-_BENCHMARKS = os.path.join(os.path.dirname(__file__), '..', 'benchmarks')
-# Arguments that make a missed check cheap. gpu.py: a budget too small to run
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Arguments that make a missed check cheap. gpu: a budget too small to run
 # any case, so it would skip every case instead of compiling for minutes.
-# peers.py: a peer Python that does not exist, only reached if every check
+# peers: a peer Python that does not exist, only reached if every check
 # passed.
-# train_step.py, conv_shapes.py: the smallest net, no timed repetitions.
-_SAFE_ARGS = {'gpu.py': ['--budget_s=0.001', '--matmul_size=0'],
-              'peers.py': ['--peer_python=/nonexistent'],
-              'train_step.py': ['--configs=quickstart', '--steps=1'],
-              'conv_shapes.py': ['--config=quickstart', '--reps=1']}
+# train_step, conv_shapes, compile_time, train_loop: the smallest nets, no
+# timed repetitions. input_pipeline: a few JPEGs, measured briefly.
+_SAFE_ARGS = {'gpu': ['--budget_s=0.001', '--matmul_size=0'],
+              'peers': ['--peer_python=/nonexistent'],
+              'train_step': ['--configs=quickstart', '--steps=1'],
+              'conv_shapes': ['--config=quickstart', '--reps=1'],
+              'compile_time': ['--variants=ResNet26', '--steps=1',
+                               '--image_size=32', '--batch=2'],
+              'train_loop': ['--configs=quickstart'],
+              'input_pipeline': ['--images=3', '--workers=0',
+                                 '--seconds=0.1']}
 
 
-@pytest.mark.parametrize('script, args, devices, message', [
-    ('gpu.py', ['--configs=nf_resnet50,nope'], 1, "Unknown config 'nope'"),
-    ('gpu.py', ['--batch=7'], 2,
-     '--batch=7 is not divisible by the 2 devices'),
-    ('gpu.py', ['--image_size=16'], 1,
-     '--image_size=16: images must be at least 32 px'),
-    ('gpu.py', ['--loops=jpeg:float16'], 1, "--loops: bad 'jpeg:float16'"),
-    ('peers.py', ['--config=nope'], 1, "Unknown config 'nope'"),
-    ('peers.py', ['--warmup_steps=-1'], 1,
-     '--warmup_steps must be >= 0, got -1'),
-    ('peers.py', ['--batch=7'], 2,
-     '--batch 7 is not divisible by the 2 devices'),
-    ('train_step.py', ['--configs=quickstart,nope'], 1,
-     "Unknown config 'nope'"),
-    ('train_step.py', ['--batch=7'], 2,
-     'batch_size=7 is not divisible by the 2 devices'),
-    ('train_step.py', ['--image_size=16'], 1,
-     'images must be at least 32 px'),
-    ('conv_shapes.py', ['--config=nope'], 1, "Unknown config 'nope'"),
-    ('conv_shapes.py', ['--batch=7', '--step_rounds=1'], 2,
-     'batch_size=7 is not divisible by the 2 devices'),
-    ('conv_shapes.py', ['--image_size=16'], 1,
-     'images must be at least 32 px'),
-])
-def test_bad_input_is_refused_in_one_line(script, args, devices, message):
+def _run(module: str, args, devices: int = 1, timeout: int = 120):
+  """python -m benchmarks.<module> args, from the repository root."""
   env = dict(os.environ,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  result = subprocess.run(
-      [sys.executable, os.path.join(_BENCHMARKS, script), *_SAFE_ARGS[script],
-       *args],
-      capture_output=True, text=True, env=env, timeout=120, check=False)
+  return subprocess.run(
+      [sys.executable, '-m', f'benchmarks.{module}', *args], cwd=ROOT,
+      capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+def _assert_refused_in_one_line(result, message):
   assert result.returncode == 2, result.stdout + result.stderr
   assert result.stderr.strip().count('\n') == 0, result.stderr
   assert message in result.stderr
   assert result.stdout == ''
+
+
+@pytest.mark.parametrize('script, args, devices, message', [
+    ('gpu', ['--configs=nf_resnet50,nope'], 1, "Unknown config 'nope'"),
+    ('gpu', ['--batch=7'], 2,
+     '--batch=7 is not divisible by the 2 devices'),
+    ('gpu', ['--image_size=16'], 1,
+     '--image_size=16: images must be at least 32 px'),
+    ('gpu', ['--loops=jpeg:float16'], 1, "--loops: bad 'jpeg:float16'"),
+    ('peers', ['--config=nope'], 1, "Unknown config 'nope'"),
+    ('peers', ['--warmup_steps=-1'], 1,
+     '--warmup_steps must be >= 0, got -1'),
+    ('peers', ['--batch=7'], 2,
+     '--batch 7 is not divisible by the 2 devices'),
+    ('train_step', ['--configs=quickstart,nope'], 1,
+     "Unknown config 'nope'"),
+    ('train_step', ['--batch=7'], 2,
+     'batch_size=7 is not divisible by the 2 devices'),
+    ('train_step', ['--image_size=16'], 1,
+     'images must be at least 32 px'),
+    ('conv_shapes', ['--config=nope'], 1, "Unknown config 'nope'"),
+    ('conv_shapes', ['--batch=7', '--step_rounds=1'], 2,
+     'batch_size=7 is not divisible by the 2 devices'),
+    ('conv_shapes', ['--image_size=16'], 1,
+     'images must be at least 32 px'),
+    ('compile_time', ['--loops=auto'], 1, "Unknown loop 'auto' in --loops"),
+    ('compile_time', ['--variants=ResNet7'], 1, 'ResNet7'),
+    ('train_loop', ['--steps=2'], 1, 'Loop steps must be >= 3'),
+    ('train_loop', ['--configs=nope'], 1, "Unknown config 'nope'"),
+    ('input_pipeline', ['--images=0'], 1, '--images must be >= 1, got 0.'),
+])
+def test_bad_input_is_refused_in_one_line(script, args, devices, message,
+                                          tmp_path):
+  safe = _SAFE_ARGS[script] + (
+      [f'--outdir={tmp_path / "results"}'] if script == 'gpu' else [])
+  _assert_refused_in_one_line(_run(script, [*safe, *args], devices), message)
+
+
+def test_gpu_never_overwrites_results(tmp_path):
+  (tmp_path / 'gpu.json').write_text('{}')
+  _assert_refused_in_one_line(
+      _run('gpu', [*_SAFE_ARGS['gpu'], f'--outdir={tmp_path}']),
+      f'--outdir={tmp_path} already holds results (gpu.json)')
+  assert (tmp_path / 'gpu.json').read_text() == '{}'
+
+
+def test_gpu_benchmark_runs_every_kind_of_case_on_cpu(tmp_path):
+  """The accelerator benchmark at tiny sizes: matmul, step and both loop
+  cases (fake arrays, generated JPEGs) measured, results written."""
+  outdir = tmp_path / 'results'
+  result = _run('gpu', [
+      '--batch=8', '--image_size=32', '--steps=1', '--configs=quickstart',
+      '--dtypes=float32', '--matmul_size=64', '--loop_config=quickstart',
+      '--loop_image_size=32', '--loop_steps=3',
+      '--loops=fake:float32,jpeg:float32', '--jpeg_images=3',
+      '--num_workers=0', '--case_s=1', f'--outdir={outdir}'], timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  report = json.loads((outdir / 'gpu.json').read_text())
+  assert report['skipped'] == [], report['skipped']
+  assert [c['kind'] for c in report['cases']] == [
+      'matmul', 'step', 'loop', 'loop'], report['cases']
+  assert all(c['loop_images_per_second'] > 0 for c in report['cases']
+             if c['kind'] == 'loop'), report['cases']
+  assert (outdir / 'gpu.md').read_text().strip() in result.stdout
+  assert '| case | px | images/s |' in result.stdout
