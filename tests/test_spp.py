@@ -1,4 +1,5 @@
-"""Signal Propagation Plots: the tool end to end and the paper's findings."""
+"""Signal Propagation Plots (nfnets.spp, spp.py): the tool end to end and
+the paper's findings. (The statistics themselves: test_signal_stats.py.)"""
 
 import csv
 import functools
@@ -307,18 +308,3 @@ def test_cli_bad_preset_is_one_line_without_traceback():
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'Traceback' not in result.stderr, lines
   assert '16 px is too small' in lines[0] and 'at least 32 px' in lines[0]
-
-
-def test_channel_stats_match_float64_numpy_despite_a_large_mean():
-  """The SPP's per-channel statistics (a reshaped two-pass reduction) agree
-  with numpy's in float64, also where the mean dwarfs the spread (a
-  one-pass E[x^2] - E[x]^2 would cancel here)."""
-  from nfnets import signal_stats  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  x = (rng.normal(size=(4, 9, 7, 5)) * np.array([1, 2, 3, 4, 5]) * 1e-2
-       + np.array([300.0, -200, 250, 280, 310]))
-  squared_mean, variance = signal_stats.channel_stats(x.astype(np.float32))
-  np.testing.assert_allclose(squared_mean,
-                             np.mean(x.mean(axis=(0, 1, 2))**2), rtol=1e-6)
-  np.testing.assert_allclose(variance, np.mean(x.var(axis=(0, 1, 2))),
-                             rtol=1e-5)

@@ -1,4 +1,8 @@
-"""experiment.py, train.py and eval.py on CPU, with real processes and devices."""
+"""experiment.py (the train and eval loop), train.py and eval.py on CPU, with
+real processes and devices: data parallelism over devices and processes,
+the loss going down, resume after SIGKILL, divergence, bad workdirs and
+datasets, bfloat16, a scanned network's training step and checkpoints, and
+what a run logs (console lines, signal statistics)."""
 
 import json
 import os
@@ -14,30 +18,19 @@ import numpy as np
 import pytest
 
 import experiment
+import helpers
 from configs import quickstart
 from nfnets import checkpointing
 from nfnets import data
 from nfnets import errors
 from nfnets import metric_writer
 from nfnets import resnet
+from nfnets import spp
 from nfnets import stacking
+from helpers import TINY
+from helpers import run as _run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [  # overrides for a few-second run of the quickstart config
-    '--config.train.steps=24', '--config.train.batch_size=32',
-    '--config.train.checkpoint_every_steps=6', '--config.train.log_every_steps=6',
-    '--config.train.eval_every_steps=12', '--config.model.dropout_rate=0.2',
-    '--config.model.stochastic_depth_rate=0.2', '--config.optim.ema_decay=0.9',
-]
-
-
-def _run(args, env=None, timeout=600, check=True):
-  result = subprocess.run([sys.executable, *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-  if check:
-    assert result.returncode == 0, result.stderr[-4000:]
-  return result
 
 
 def _tiny_config(**train):
@@ -244,22 +237,6 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   assert 'different shapes' in mismatch.stderr
 
 
-def test_override_reaches_model_and_bad_override_fails(tmp_path):
-  workdir = str(tmp_path / 'run')
-  _run(['train.py', '--config=configs/quickstart.py', *TINY,
-        '--config.train.steps=1', '--config.model.alpha=0.5',
-        f'--workdir={workdir}'])
-  with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['model']['alpha'] == 0.5
-  bad = _run(['train.py', '--config=configs/quickstart.py',
-              '--config.model.alphaa=0.5', f'--workdir={workdir}'],
-             check=False)
-  assert bad.returncode != 0 and 'alphaa' in bad.stderr
-  bad = _run(['train.py', '--config=configs/quickstart.py',
-              '--config.model.alpha=-1', f'--workdir={workdir}'], check=False)
-  assert bad.returncode != 0 and 'alpha must be > 0, got -1' in bad.stderr
-
-
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / 'nan')
   result = _run(['train.py', '--config=configs/quickstart.py', *TINY,
@@ -404,3 +381,38 @@ def test_scanned_training_equals_unrolled_and_checkpoints_load_either_way(
     jax.tree.map(np.testing.assert_array_equal,
                  checkpointing.to_host(restored),
                  checkpointing.to_host(expected))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A workdir with checkpoints 6, 12, 18, the experiment that made it and
+  its console lines (helpers.trained_run: trained once per session)."""
+  return helpers.trained_run(tmp_path_factory)
+
+
+def test_console_has_start_progress_and_end_lines(trained):
+  _, _, lines = trained
+  assert lines[0].startswith('Training nf_resnet (') and '18 steps' in lines[0]
+  progress = [l for l in lines if l.startswith('step ')]
+  assert [l.split()[1] for l in progress] == ['6/18', '12/18', '18/18']
+  assert all('img/s' in l and 'data wait' in l and 'ETA' in l
+             for l in progress)
+  assert lines[-1].startswith('Done: 18 steps') and 'top1=' in lines[-1]
+
+
+def test_signal_statistics_are_logged_during_training(trained):
+  workdir, exp, _ = trained
+  rows = [r for r in metric_writer.read_metrics(workdir)
+          if r['kind'] == 'signal']
+  assert [r['step'] for r in rows] == [0, 6, 12, 18]
+  for row in rows:
+    assert {f'stage{s}/{name}' for s in range(1, 5) for name in (
+        'squared_mean', 'variance', 'residual_variance')} <= set(row)
+  # Step 0 is the initial parameters' signal propagation, measured anew.
+  expected = spp.stage_statistics(exp.signal_statistics(exp.init_state()),
+                                  exp.block_plan)
+  for name, value in expected.items():
+    assert rows[0][name] == pytest.approx(value, rel=1e-5), name
+  # Training changes what the network does to its input.
+  assert rows[-1]['stage4/variance'] != pytest.approx(
+      rows[0]['stage4/variance'], rel=1e-4)

@@ -1,4 +1,8 @@
-"""NF-ResNets and baselines: signal propagation, sizes, counts, bad input."""
+"""NF-ResNets (nfnets.resnet) and the skeleton every ResNet model shares:
+signal propagation at init, the block plan, parameter and MAC counts of
+every model and variant, building and running every model, bad configs and
+images. (Baseline-specific tests: test_baselines.py; scanned blocks:
+test_stacking.py.)"""
 
 import functools
 
@@ -10,7 +14,6 @@ import pytest
 from nfnets import counting
 from nfnets import resnet
 from nfnets import spp
-from nfnets import stacking
 from conftest import jitted
 
 
@@ -60,56 +63,6 @@ def test_he_init_convs_show_growing_mean_shift():
   _, ws_stats = _deep_signal_stats(use_scaled_ws=True)
   ws_ratio = ws_stats['squared_mean'][1:] / ws_stats['variance'][1:]
   assert np.all(squared_mean / variance > 10 * ws_ratio)
-
-
-@functools.cache
-def _bn_signal_stats(bn_order: str, conv_init: str):
-  """SPP statistics of a 12-block BN ResNet at init (width 1/8, 32 px)."""
-  config = resnet.make_config(name='bn_resnet', depths=(3, 3, 3, 3),
-                              width=1 / 8, bn_order=bn_order,
-                              conv_init=conv_init, num_classes=10)
-  images = jax.random.normal(jax.random.key(0), (16, 32, 32, 3))
-  init, apply = jitted(resnet.build(config))
-  params, state = init(jax.random.key(1), images, True)
-  (_, stats), _ = apply(params, state, None, images, True, True)
-  return params, jax.tree.map(np.asarray, stats)
-
-
-@pytest.mark.parametrize('bn_order,conv_init,branch_variance', [
-    # Convs fed by BatchNorm get fan-in scale 1: branches preserve BN's 1.
-    ('relu_bn_conv', 'variance_preserving', 1.0),
-    # He's factor 2 after BatchNorm doubles it (the old behaviour).
-    ('relu_bn_conv', 'he', 2.0),
-    # Convs fed by a ReLU keep He's factor 2: second moment 1, of which the
-    # squared channel mean takes 1/pi, the variance 1 - 1/pi.
-    ('bn_relu_conv', 'variance_preserving', 1 - 1 / np.pi),
-])
-def test_bn_resnet_branch_and_stage_end_variance(bn_order, conv_init,
-                                                 branch_variance):
-  _, stats = _bn_signal_stats(bn_order, conv_init)
-  stage = np.repeat(np.arange(4), 3)
-  for s in range(4):
-    np.testing.assert_allclose(
-        stats['residual_variance'][stage == s].mean(), branch_variance,
-        rtol=0.12)
-  # A transition's shortcut conv sees the pre-activated input, so its output
-  # has the branch variance too; each block adds one: a 3-block stage ends
-  # at 4 x the branch variance.
-  stage_ends = stats['variance'][[3, 6, 9, 12]]
-  np.testing.assert_allclose(stage_ends, 4 * branch_variance, rtol=0.15)
-  mean_shift = stats['squared_mean'][1:] > 0.05 * stats['variance'][1:]
-  assert np.all(mean_shift) == (bn_order == 'bn_relu_conv')
-
-
-def test_relu_fed_convs_are_he_initialized_in_both_modes():
-  he_params, _ = _bn_signal_stats('bn_relu_conv', 'he')
-  params, _ = _bn_signal_stats('bn_relu_conv', 'variance_preserving')
-  jax.tree.map(np.testing.assert_array_equal, params, he_params)
-  conv = 'resnet/block1/conv0'  # 1x1, fan-in 32
-  assert np.std(params[conv]['w']) == pytest.approx(np.sqrt(2 / 32), rel=0.1)
-  bn_fed_params, _ = _bn_signal_stats('relu_bn_conv', 'variance_preserving')
-  assert np.std(bn_fed_params[conv]['w']) == pytest.approx(np.sqrt(1 / 32),
-                                                           rel=0.1)
 
 
 def test_activation_fed_plain_convs_preserve_variance():
@@ -275,96 +228,3 @@ def test_image_too_small_raises_before_compute():
   model = resnet.build(resnet.make_config(width=1 / 16))
   with pytest.raises(ValueError, match='24 px is too small'):
     model.init(jax.random.key(0), jnp.zeros((1, 24, 64, 3)), is_training=True)
-
-
-def _loop_config(name, block_loop, **overrides):
-  return resnet.make_config(name=name, depths=(1, 3, 1, 1), width=1 / 16,
-                            num_classes=10, block_loop=block_loop,
-                            skip_gain_init=0.5, **overrides)
-
-
-def test_scan_groups_are_the_runs_of_non_transition_blocks():
-  plan = resnet.block_plan(resnet.make_config(depths=(1, 3, 2, 4)))
-  # Stage starts (blocks 0, 1, 4, 6) are transitions; a lone block is not
-  # worth a scan.
-  assert stacking.scan_groups(plan) == [(2, 2), (7, 3)]
-  # 'auto': unrolled in training however deep, scanned in forward-only
-  # measurements beyond 32 blocks.
-  assert not resnet.uses_scan(resnet.make_config(variant='ResNet600'))
-  assert resnet.uses_scan(resnet.make_config(block_loop='scan'))
-  assert not stacking.scans('auto', 200)
-  assert stacking.scans('auto', 33, forward_only=True)
-  assert not stacking.scans('auto', 32, forward_only=True)
-  assert not stacking.scans('unrolled', 200, forward_only=True)
-  with pytest.raises(ValueError, match="block_loop 'loop'.*allowed"):
-    resnet.validate_config(resnet.make_config(block_loop='loop'))
-
-
-@pytest.mark.parametrize('name', ['nf_resnet', 'bn_resnet', 'fixup_resnet'])
-def test_scanned_blocks_equal_unrolled_ones(name):
-  """One parameter tree for both loops; with the same parameters the
-  outputs, signal statistics and BatchNorm state updates (and, for the NF
-  net, the gradients) agree to float32 rounding."""
-  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  models = {loop: resnet.build(_loop_config(name, loop))
-            for loop in ('unrolled', 'scan')}
-  config = _loop_config(name, 'scan')
-  params, state = jax.jit(models['unrolled'].init, static_argnums=2)(
-      jax.random.key(0), images, True)
-  scan_params, scan_state = jax.jit(models['scan'].init, static_argnums=2)(
-      jax.random.key(0), images, True)
-  # Stored stacked: blocks 2 and 3 (stage 2) as one module per kind.
-  stacked = 'resnet/stacked_block2_to_block3/conv1'
-  assert scan_params[stacked]['w'].shape == (2,) + params[
-      'resnet/block2/conv1']['w'].shape
-  assert not any('block2' in module.split('/') for module in scan_params)
-  plan = resnet.block_plan(config)
-  to_scan = functools.partial(stacking.convert_layout, plan=plan,
-                              scanned=True)
-  assert (jax.tree.map(np.shape, (scan_params, scan_state))
-          == jax.tree.map(np.shape, to_scan((params, state))))
-  back = stacking.convert_layout(to_scan(params), plan, scanned=False)
-  jax.tree.map(np.testing.assert_array_equal, back, params)
-  results = {}
-  for loop, model in models.items():
-    convert = to_scan if loop == 'scan' else lambda tree: tree
-    def loss(params, model=model, convert=convert):
-      (logits, stats), new_state = model.apply(
-          convert(params), convert(state), None, images, True, True)
-      return jnp.sum(logits**2), (logits, stats, new_state)
-    if name == 'nf_resnet':
-      results[loop] = jax.jit(jax.grad(loss, has_aux=True))(params)
-    else:
-      results[loop] = jax.jit(loss)(params)[1]
-  results['scan'] = stacking.convert_layout(results['scan'], plan,
-                                            scanned=False)
-  def close(scanned, unrolled):
-    np.testing.assert_allclose(scanned, unrolled, rtol=2e-5,
-                               atol=2e-5 * np.max(np.abs(unrolled)))
-  jax.tree.map(close, results['scan'], results['unrolled'])
-
-
-def test_scanned_trace_does_not_grow_with_depth():
-  """What makes compile time independent of depth: the traced program of a
-  scanned network has the same size at 3 and 30 blocks per stage."""
-  images = jnp.zeros((2, 32, 32, 3))
-  sizes = {}
-  for depth in (3, 30):
-    config = resnet.make_config(depths=(1, depth, 1, 1), width=1 / 16,
-                                num_classes=10, block_loop='scan')
-    model = resnet.build(config)
-    params, state = jax.eval_shape(
-        functools.partial(model.init, is_training=True),
-        jax.random.key(0), images)
-    jaxpr = jax.make_jaxpr(
-        lambda p, s: model.apply(p, s, None, images, True))(params, state)
-    # Stored stacked, the parameters are the same number of arrays too.
-    sizes[depth] = (len(jaxpr.eqns), len(jax.tree.leaves(params)))
-  assert sizes[3] == sizes[30], sizes
-
-
-def test_counting_sees_every_scanned_block():
-  counts = {loop: counting.count_params_and_macs(
-      resnet.make_config(depths=(1, 5, 1, 1), width=0.25, block_loop=loop), 64)
-            for loop in ('unrolled', 'scan')}
-  assert counts['scan'] == counts['unrolled']
