@@ -103,6 +103,16 @@ def _validate_config(config, device_count: int) -> None:
                      f'{config.train.epochs}.')
   if config.data.eval_image_size:
     models.check_image_size(config.model, config.data.eval_image_size)
+  sizes = {config.data.image_size, config.data.eval_image_size
+           or config.data.image_size}
+  if config.model.get('stem', 'imagenet').startswith('cifar') and sizes != {32}:
+    raise ValueError(
+        f'model.stem={config.model.stem!r} is for 32 px images, but '
+        f'data.image_size={config.data.image_size} (eval_image_size='
+        f'{config.data.eval_image_size}); use image_size=32 or '
+        "model.stem='imagenet'.")
+  if config.data.name == 'cifar10':
+    data.check_cifar10_config(config.data)
 
 
 class Experiment:

@@ -8,7 +8,9 @@ Models (config.name):
   fixup_resnet     unnormalized, scalar biases around every activation, a
                    scalar multiplier and bias per branch, last conv of each
                    branch and the classifier zero, the other branch convs
-                   scaled by L^(-1/(2m-2)) (m = 3 convs per branch).
+                   scaled by L^(-1/(2m-2)) (m = 3 convs per branch); the
+                   transition shortcut convs keep the standard init, as in
+                   Fixup (Zhang et al., 2019).
 
 Every conv is a plain (not standardized) conv; inside blocks its init is set
 by config.conv_init (`block_conv_init_scale`), the stem's is He.
@@ -71,11 +73,14 @@ class Parts:
                             else hk.initializers.RandomNormal(0.01))
 
   def conv(self, channels, kernel, stride=1, *, name, in_block=True,
-           is_last=False):
-    init_scale = 1.0  # He for the stem, which sees the image
+           in_branch=True, is_last=False):
+    """A plain conv. in_block False: the stem (He init, it sees the image);
+    in_branch False: a transition block's shortcut conv, which Fixup leaves
+    at the standard init (only residual-branch convs are rescaled)."""
+    init_scale = 1.0
     if in_block:
       init_scale = self.block_conv_scale
-      if self.kind == 'fixup_resnet':
+      if self.kind == 'fixup_resnet' and in_branch:
         init_scale *= 0.0 if is_last else self.fixup_scale
     return layers.Conv2D(channels, kernel, stride, init_scale=init_scale,
                          name=name)
@@ -121,7 +126,7 @@ class BaselineBottleneck(hk.Module):
     shortcut = x
     if spec.is_transition:
       shortcut = parts.conv(spec.out_channels, 1, spec.stride,
-                            name='shortcut')(h)
+                            in_branch=False, name='shortcut')(h)
     out = parts.conv(spec.bottleneck_channels, 1, name='conv0')(h)
     out = parts.preactivate(out, is_training, 'preact1')
     out = parts.conv(spec.bottleneck_channels, 3, spec.stride,

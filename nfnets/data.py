@@ -1,4 +1,5 @@
-"""Input pipelines: one interface over ImageNet (tfds array_record), MNIST, fake.
+"""Input pipelines: one interface over ImageNet (tfds array_record), CIFAR-10,
+MNIST and fake data.
 
 Every source yields examples {'image': uint8 [H, W, 3], 'label': int}; the
 pipelines batch them per process as
@@ -31,7 +32,9 @@ import numpy as np
 from PIL import Image
 import simplejpeg
 
-SOURCES = ('mnist', 'fake', 'imagenet2012')
+from nfnets import cifar10
+
+SOURCES = ('mnist', 'cifar10', 'fake', 'imagenet2012')
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -127,6 +130,31 @@ def _split_image_size(data_config, split: str) -> int:
   return data_config.get('eval_image_size', 0) or size
 
 
+def check_cifar10_config(data_config) -> None:
+  """ValueError naming the field unless the cifar10 config is possible
+  (before any data is read)."""
+  if data_config.num_classes != len(cifar10.CLASSES):
+    raise ValueError(f'cifar10 has {len(cifar10.CLASSES)} classes, not '
+                     f'data.num_classes={data_config.num_classes}.')
+  for field in ('image_size', 'eval_image_size'):
+    size = data_config.get(field, 0)
+    if size and size != cifar10.IMAGE_SIZE:
+      raise ValueError(f'cifar10 images are {cifar10.IMAGE_SIZE} px; '
+                       f'data.{field}={size} is not supported.')
+  if not data_config.get('data_dir'):
+    raise ValueError(
+        'cifar10 needs data.data_dir, the folder holding the data set '
+        '(python -m nfnets.prepare_cifar10 --data_dir=DIR gets it).')
+
+
+def _cifar10(data_config, split: str) -> Source:
+  check_cifar10_config(data_config)
+  images, labels = cifar10.load_split(os.path.abspath(data_config.data_dir),
+                                      split)
+  return Source(_ArrayRecords(images, labels), len(cifar10.CLASSES),
+                cifar10.MEAN, cifar10.STD)
+
+
 def get_source(data_config, split: str) -> Source:
   """The split of data_config.name; raises a clear error if unavailable."""
   name = data_config.name
@@ -136,6 +164,8 @@ def get_source(data_config, split: str) -> Source:
     if split not in ('train', 'test'):
       raise ValueError(f'mnist has splits train and test, not {split!r}.')
     return _mnist(split, _split_image_size(data_config, split))
+  if name == 'cifar10':
+    return _cifar10(data_config, split)
   if name == 'fake':
     size = data_config.fake_train_size if split == 'train' else (
         data_config.fake_eval_size)

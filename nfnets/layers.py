@@ -115,6 +115,27 @@ def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
   return pool_max(x, window, strides, padding)
 
 
+BETA_PLACEMENTS = ('before_activation', 'after_activation')
+
+
+def nf_branch_input(x: jax.Array, expected_std, activation,
+                    beta_placement: str) -> jax.Array:
+  """What the residual branch (and a transition block's shortcut conv) of
+  an NF block sees: act(x / beta) ('before_activation', the paper's
+  f(x / beta)) or act(x) / beta ('after_activation', the authors' NF-RegNet
+  code). The same for ReLU, which is positively homogeneous; for other
+  nonlinearities 'after' feeds the activation a variance-beta^2 input.
+
+  x: [N, H, W, C]; expected_std: beta, a Python or traced scalar.
+  """
+  if beta_placement == 'before_activation':
+    return activation(x / jnp.asarray(expected_std, x.dtype))
+  if beta_placement == 'after_activation':
+    return activation(x) * jnp.asarray(1.0 / expected_std, x.dtype)
+  raise ValueError(f'Unknown beta_placement {beta_placement!r}; allowed: '
+                   f'{BETA_PLACEMENTS}.')
+
+
 class WSConv2D(hk.Module):
   """2D convolution with Scaled Weight Standardization (NHWC in and out).
 

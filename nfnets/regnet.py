@@ -2,9 +2,11 @@
 
 Model (config.name): 'nf_regnet'.
 
-  stem     3x3 stride-2 Scaled-WS conv to int(widths[0] * width) channels.
+  stem     3x3 stride-2 Scaled-WS conv to int(widths[0] * width) channels
+           (stride 1 with stem='cifar').
   blocks   four stages; the first block of every stage has stride 2. Each
-           block computes h = act(x) * beta, beta = 1 / expected_std, then
+           block computes h = act(x / beta), beta = expected_std (or the
+           reference code's act(x) / beta, beta_placement), then
              branch = conv2_1x1(act(SE(conv1_3x3_grouped(act(conv0_1x1(h))))))
              shortcut = conv_1x1(avg_pool_2x2(h))  if strided
                         conv_1x1(h)                 on a channel change
@@ -65,8 +67,9 @@ VARIANTS = {
 }
 NUM_STAGES = 4
 STAGE_STRIDE = 2          # first block of every stage, stage 1 included
-STEM_STRIDE = 2
-TOTAL_STRIDE = STEM_STRIDE * STAGE_STRIDE**NUM_STAGES  # 32
+# Stem conv stride: 'imagenet' the reference 3x3/2 conv; 'cifar' 3x3/1, so
+# stage 1 sees a 32 x 32 image whole.
+STEM_STRIDES = {'imagenet': 2, 'cifar': 1}
 # Head conv: 1280 channels for 440 last-stage channels (EfficientNet-B0's
 # 1280-wide head), scaled with the last stage's width.
 HEAD_CHANNELS = 1280
@@ -88,6 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
       # Multiplier on the activation; None = gamma(activation).
       activation_gamma=ml_collections.FieldReference(None, field_type=float),
       alpha=0.2,                 # residual-branch scale
+      # The branch input: act(x / beta) ('before_activation', the paper) or
+      # act(x) / beta ('after_activation', the authors' code); they differ
+      # for silu (nfnets.layers.nf_branch_input).
+      beta_placement='before_activation',
+      stem='imagenet',           # a key of STEM_STRIDES
       skip_gain_init=0.0,        # 0 to train (SkipInit), 1 for SPPs
       expansion=2.25,            # expanded / input channels of every block
       group_width=8,             # channels per group of the 3x3 conv
@@ -169,14 +177,24 @@ def validate_config(config) -> None:
   if config.dropout_rate is not None and not 0 <= config.dropout_rate < 1:
     raise ValueError(f'dropout_rate must be in [0, 1) (or None), got '
                      f'{config.dropout_rate}.')
+  if config.beta_placement not in layers.BETA_PLACEMENTS:
+    raise ValueError(f'Unknown beta_placement {config.beta_placement!r}; '
+                     f'allowed: {layers.BETA_PLACEMENTS}.')
+  if config.stem not in STEM_STRIDES:
+    raise ValueError(f'Unknown stem {config.stem!r}; allowed: '
+                     f'{tuple(STEM_STRIDES)}.')
   if stem_channels(config) < 1:
     raise ValueError(f'width={config.width} leaves the stem with no channels.')
 
 
+def total_stride(config) -> int:
+  """How much the network downsamples: the stem, then every stage."""
+  return STEM_STRIDES[config.stem] * STAGE_STRIDE**NUM_STAGES
+
+
 def check_image_size(config, height: int, width: int | None = None) -> None:
-  """Raises ValueError if the image is smaller than the total stride (32)."""
-  del config  # Every variant has the same stride pattern.
-  layers.check_image_size(TOTAL_STRIDE, height, width)
+  """Raises ValueError if the image is smaller than the total stride."""
+  layers.check_image_size(total_stride(config), height, width)
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -276,8 +294,8 @@ class NFRegNet(hk.Module):
     """x: [N, H, W, C_in] -> (output, residual-branch output before scaling)."""
     name = f'block{spec.index}'
     config = self.config
-    # The reference scales after the nonlinearity: act(x) * beta.
-    h = self.activation(x) * jnp.asarray(1.0 / spec.expected_std, x.dtype)
+    h = layers.nf_branch_input(x, spec.expected_std, self.activation,
+                               config.beta_placement)
     shortcut = x
     if spec.is_transition:
       pooled = h
@@ -306,7 +324,7 @@ class NFRegNet(hk.Module):
                return_stats: bool = False):
     check_image_size(self.config, images.shape[1], images.shape[2])
     config = self.config
-    x = self._conv(stem_channels(config), 3, STEM_STRIDE,
+    x = self._conv(stem_channels(config), 3, STEM_STRIDES[config.stem],
                    name='stem_conv')(images)
     recorder = signal_stats.SignalRecorder()
     if return_stats:

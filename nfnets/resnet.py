@@ -14,7 +14,8 @@ and skip_gain is a learnable scalar (0 to train, 1 for signal propagation
 plots). With use_scaled_ws=False the convs are plain He-init ones (the
 paper's "NF, He init" ablation).
 
-The stem (7x7/2 conv, 3x3/2 max-pool), the block layout (bottleneck ratio
+The stem (7x7/2 conv and 3x3/2 max-pool; smaller ones for 32 px images,
+`STEMS`), the block layout (bottleneck ratio
 1/4, stride on the 3x3 conv) and the head (pre-activation, global average
 pool, dropout, linear) are shared with the baselines in nfnets.baselines
 (config.name 'bn_resnet', 'skipinit_resnet', 'fixup_resnet'), which
@@ -52,8 +53,21 @@ STEM_CHANNELS = 64
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 STAGE_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_RATIO = 0.25
-# Stem conv stride 2, max-pool stride 2, then the stage strides.
-TOTAL_STRIDE = 4 * math.prod(STAGE_STRIDES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stem:
+  """The conv (and optional 3x3/2 max-pool) in front of the first block."""
+  kernel: int
+  stride: int
+  max_pool: bool
+
+
+# 'imagenet': the paper's 7x7/2 conv + 3x3/2 max-pool (224 px images).
+# 'cifar': 3x3/1 conv, no pool: stage 1 sees the full 32 x 32 image.
+# 'cifar_stride2': 3x3/2 conv, no pool: stage 1 at 16 x 16, 4x cheaper.
+STEMS = {'imagenet': Stem(7, 2, True), 'cifar': Stem(3, 1, False),
+         'cifar_stride2': Stem(3, 2, False)}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -69,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
       # 1 with plain convs (whose init scale, see conv_init, plays gamma's role).
       activation_gamma=None,
       alpha=0.2,                 # nf_resnet: residual-branch scale
+      # nf_resnet: the branch input, act(x / beta) ('before_activation',
+      # the paper) or act(x) / beta ('after_activation'); the same for relu.
+      beta_placement='before_activation',
       skip_gain_init=0.0,        # nf/skipinit: 0 to train, 1 for SPPs
       use_scaled_ws=True,        # nf_resnet: False = plain He-init convs
       ws_eps=1e-4,               # floor on fan_in * Var(W)
@@ -77,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
       stochastic_depth_rate=0.0, # rate of the last block; grows linearly
       stochastic_depth_scale_by_keep=True,
       dropout_rate=0.0,          # before the classifier
+      stem='imagenet',           # a key of STEMS ('cifar*' for 32 px images)
       bn_order='bn_relu_conv',   # bn_resnet: one of BN_ORDERS
       # Init of the plain (not Scaled-WS) convs inside residual blocks, i.e.
       # every model but Scaled-WS nf_resnet; the stem conv is He in both.
@@ -152,6 +170,12 @@ def validate_config(config) -> None:
   if config.block_loop not in BLOCK_LOOPS:
     raise ValueError(f'Unknown block_loop {config.block_loop!r}; allowed: '
                      f'{BLOCK_LOOPS}.')
+  if config.beta_placement not in layers.BETA_PLACEMENTS:
+    raise ValueError(f'Unknown beta_placement {config.beta_placement!r}; '
+                     f'allowed: {layers.BETA_PLACEMENTS}.')
+  if config.stem not in STEMS:
+    raise ValueError(f'Unknown stem {config.stem!r}; allowed: '
+                     f'{tuple(STEMS)}.')
 
 
 def uses_scan(config) -> bool:
@@ -166,10 +190,15 @@ def other_layouts(config) -> list:
   return stacking.other_layouts(block_plan(config), uses_scan(config))
 
 
+def total_stride(config) -> int:
+  """How much the network downsamples: stem conv, pool, stage strides."""
+  stem = STEMS[config.stem]
+  return stem.stride * (2 if stem.max_pool else 1) * math.prod(STAGE_STRIDES)
+
+
 def check_image_size(config, height: int, width: int | None = None) -> None:
-  """Raises ValueError if the image is smaller than the total stride (32)."""
-  del config  # Every model has the same stride pattern.
-  layers.check_image_size(TOTAL_STRIDE, height, width)
+  """Raises ValueError if the image is smaller than the total stride."""
+  layers.check_image_size(total_stride(config), height, width)
 
 
 def scaled_channels(channels: int, width: float) -> int:
@@ -240,7 +269,7 @@ class NFBottleneck(hk.Module):
     stochastic depth and scaling)."""
     spec, config = self.spec, self.parts.config
     conv, act = self.parts.conv, self.parts.activation
-    h = act(x / jnp.asarray(expected_std, x.dtype))  # unit-variance input
+    h = layers.nf_branch_input(x, expected_std, act, config.beta_placement)
     shortcut = x
     if spec.is_transition:
       shortcut = conv(spec.out_channels, 1, spec.stride, name='shortcut')(h)
@@ -324,9 +353,12 @@ class ResNet(hk.Module):
                return_stats: bool = False):
     check_image_size(self.config, images.shape[1], images.shape[2])
     config = self.config
-    x = self.parts.conv(scaled_channels(STEM_CHANNELS, config.width), 7, 2,
-                        name='stem_conv', in_block=False)(images)
-    x = layers.max_pool(x, window=3, stride=2, padding='SAME')
+    stem = STEMS[config.stem]
+    x = self.parts.conv(scaled_channels(STEM_CHANNELS, config.width),
+                        stem.kernel, stem.stride, name='stem_conv',
+                        in_block=False)(images)
+    if stem.max_pool:
+      x = layers.max_pool(x, window=3, stride=2, padding='SAME')
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)

@@ -60,3 +60,24 @@ def test_relu_fed_convs_are_he_initialized_in_both_modes():
   bn_fed_params, _ = _bn_signal_stats('relu_bn_conv', 'variance_preserving')
   assert np.std(bn_fed_params[conv]['w']) == pytest.approx(np.sqrt(1 / 32),
                                                            rel=0.1)
+
+
+def test_fixup_rescales_branch_convs_but_not_shortcuts():
+  """Fixup (Zhang et al. 2019): only the convs inside residual branches are
+  scaled by L^(-1/(2m-2)) (m = 3), the last one of each branch and the
+  classifier start at zero; a transition's shortcut conv keeps the
+  standard (He, ReLU-fed) init."""
+  config = resnet.make_config(name='fixup_resnet', depths=(2, 2, 2, 2),
+                              width=1 / 4, num_classes=10)
+  images = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+  params, _ = resnet.build(config).init(jax.random.key(1), images, True)
+  fixup_scale = 8 ** (-1 / 4)
+  for block in ('block2', 'block4', 'block6'):  # transitions
+    for conv, scale in (('shortcut', 1.0), ('conv0', fixup_scale),
+                        ('conv1', fixup_scale)):
+      weight = np.asarray(params[f'resnet/{block}/{conv}']['w'])
+      he_std = np.sqrt(2 / np.prod(weight.shape[:3]))
+      assert np.std(weight) == pytest.approx(scale * he_std, rel=0.1), (
+          block, conv)
+    assert not np.any(params[f'resnet/{block}/conv2']['w'])
+  assert not np.any(params['resnet/classifier']['w'])

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import regnet_base
 from nfnets import counting
+from nfnets import layers
 from nfnets import models
 from nfnets import optim
 from nfnets import regnet
@@ -246,3 +248,29 @@ def test_imagenet_configs_carry_the_reference_recipe(variant):
   schedule = optim.learning_rate_schedule(config.optim, 1024, 1000, 10)
   assert float(schedule(50)) == pytest.approx(0.4)      # peak after warmup
   assert float(schedule(1000)) == pytest.approx(0.001)  # cosine floor
+
+
+def test_cifar_stem_and_beta_placement():
+  """stem='cifar' keeps 32 x 32 into stage 1 (total stride 16); the model
+  default feeds branches act(x / beta) as NF-ResNets do, and the ImageNet
+  recipe keeps the authors' act(x) / beta, which differs for silu."""
+  tiny = dict(width=1.0, widths=(8, 16, 16, 32), depths=(1, 1, 1, 1),
+              num_classes=10, skip_gain_init=1.0, stochastic_depth_rate=0.0,
+              dropout_rate=0.0)
+  config = regnet.make_config(stem='cifar', **tiny)
+  assert regnet.total_stride(config) == 16
+  assert regnet.default_config().beta_placement == 'before_activation'
+  assert regnet_base.nf_regnet_imagenet('B0').model.beta_placement == (
+      'after_activation')
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  outputs = {}
+  for placement in layers.BETA_PLACEMENTS:
+    model = regnet.build(regnet.make_config(stem='cifar',
+                                            beta_placement=placement, **tiny))
+    params, state = model.init(jax.random.key(1), images, True)
+    (_, stats), _ = model.apply(params, state, None, images, True, True)
+    outputs[placement] = stats['variance']  # the classifier starts at 0
+    assert params['nf_regnet/~_conv/stem_conv']['w'].shape == (3, 3, 3, 8)
+  assert not np.allclose(*outputs.values(), rtol=1e-3)
+  with pytest.raises(ValueError, match="Unknown stem 'cifar_stride2'"):
+    regnet.validate_config(regnet.make_config(stem='cifar_stride2'))

@@ -228,3 +228,58 @@ def test_image_too_small_raises_before_compute():
   model = resnet.build(resnet.make_config(width=1 / 16))
   with pytest.raises(ValueError, match='24 px is too small'):
     model.init(jax.random.key(0), jnp.zeros((1, 24, 64, 3)), is_training=True)
+
+
+@pytest.mark.parametrize('stem,stride', [('imagenet', 32), ('cifar', 8),
+                                         ('cifar_stride2', 16)])
+@pytest.mark.parametrize('name', resnet.MODELS)
+def test_every_model_takes_every_stem(name, stem, stride):
+  config = resnet.make_config(name=name, stem=stem, depths=(1, 1, 1, 1),
+                              width=1 / 16, num_classes=10)
+  assert resnet.total_stride(config) == stride
+  model = resnet.build(config)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params, state = jax.jit(model.init, static_argnums=2)(
+      jax.random.key(1), images, True)
+  kernel = {'imagenet': 7}.get(stem, 3)
+  assert params['resnet/stem_conv']['w'].shape[:2] == (kernel, kernel)
+  logits, _ = model.apply(params, state, None, images, False)
+  assert logits.shape == (2, 10)
+  with pytest.raises(ValueError, match=f'at least {stride} px'):
+    resnet.check_image_size(config, stride // 2)
+
+
+def test_cifar_stem_keeps_the_analytic_variance_at_32_px():
+  """With the stride-1 stem the stages run at 32, 16, 8 and 4 px: the
+  measured variance follows the expected one as with the ImageNet stem at
+  4x the image size, and the stem output is the unit-variance start."""
+  config = resnet.make_config(stem='cifar', depths=(4, 4, 4, 4), width=1 / 4,
+                              alpha=1.0, skip_gain_init=1.0, num_classes=10)
+  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  init, apply = jitted(resnet.build(config))
+  params, state = init(jax.random.key(1), images, True)
+  (_, stats), _ = apply(params, state, None, images, True, True)
+  plan = resnet.block_plan(config)
+  ratio = np.asarray(stats['variance']) / spp.expected_variances(plan, 1.0)
+  stage = np.array([-1] + [spec.stage for spec in plan])
+  assert np.all((ratio[stage < 3] > 0.7) & (ratio[stage < 3] < 1.3)), ratio
+  assert np.all(np.asarray(stats['squared_mean'])[1:]
+                < 0.05 * np.asarray(stats['variance'])[1:])
+
+
+@pytest.mark.parametrize('activation,same', [('relu', True), ('silu', False)])
+def test_beta_placement_matters_only_for_non_homogeneous_activations(
+    activation, same):
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3)) * 3
+  outputs = []
+  for placement in ('before_activation', 'after_activation'):
+    config = resnet.make_config(
+        depths=(2, 1, 1, 1), width=1 / 16, num_classes=10, alpha=1.0,
+        skip_gain_init=1.0, activation=activation, beta_placement=placement)
+    model = resnet.build(config)
+    params, state = model.init(jax.random.key(1), images, True)
+    outputs.append(model.apply(params, state, None, images, False)[0])
+  close = np.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+  assert close == same
+  with pytest.raises(ValueError, match="beta_placement 'inside'.*allowed"):
+    resnet.validate_config(resnet.make_config(beta_placement='inside'))

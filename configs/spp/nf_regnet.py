@@ -2,10 +2,11 @@
 
   python spp.py --config=configs/spp/nf_regnet.py
 
-The reference B0 (alpha 0.2) and the same network with alpha 1 (which makes
-the per-block growth visible, as in the paper's Figure 2), skip gain 1 so
-that every branch contributes, at B0's 192 px train resolution. Results
-and their reading: docs/regnets.md.
+B0 (alpha 0.2) with the branch input act(x / beta) (the paper's form, the
+default), the same with the authors' act(x) / beta, and B0 with alpha 1
+(which makes the per-block growth visible, as in the paper's Figure 2);
+skip gain 1 so that every branch contributes, at B0's 192 px train
+resolution. Results and their reading: docs/regnets.md.
 """
 
 import ml_collections
@@ -26,6 +27,8 @@ def get_config():
                 dropout_rate=0.0)
   config.models = ml_collections.ConfigDict({
       'nf_regnet_b0': regnet.make_config(alpha=0.2, **common),
+      'nf_regnet_b0_beta_after_act': regnet.make_config(
+          alpha=0.2, beta_placement='after_activation', **common),
       'nf_regnet_b0_alpha1': regnet.make_config(alpha=1.0, **common),
   })
   return config
