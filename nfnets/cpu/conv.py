@@ -7,7 +7,7 @@ docs/performance.md ("CPU rewrites"), with `benchmarks/conv_shapes.py`.
 
   * 'im2col' (`im2col_conv2d`): kernels larger than 1x1 whose output map has
     at most MAX_IM2COL_OUTPUT_PIXELS pixels (stage 4 of a ResNet-50 at 64 px).
-    XLA:CPU runs these at a few GFLOP/s; as im2col the kh * kw shifted
+    XLA:CPU runs these slowly; as im2col the kh * kw shifted
     windows are concatenated along channels and multiplied with the reshaped
     kernel in one matmul.
   * 'lax_matmul_grads' (`conv_cpu_gradients`): 1x1 kernels. XLA's forward; a
@@ -163,7 +163,7 @@ def strided_windows_transpose(window_values: Sequence[jax.Array],
 
   window_values: kh * kw arrays [N, H', W', C] in `strided_windows` order.
   Built per stride phase (padded pixels with the same remainders mod the
-  stride), where window (i, j) is a plain shift: about 5x faster on
+  stride), where window (i, j) is a plain shift: faster on
   XLA:CPU than autodiff's transpose (one interior pad of the whole padded
   input per window, then their sum).
   """
@@ -238,7 +238,7 @@ def im2col_conv2d(x: jax.Array, weight: jax.Array,
   out_w = output_size(width, kernel_w, strides[1], pads[1])
   patches = _patch_matrix(x, (kernel_h, kernel_w), strides, pads)
   # A 2D [N*H'*W', K] x [K, C_out] matmul: its weight gradient is then a
-  # transposed-LHS matmul, which XLA:CPU runs 2-3x faster than the 4D
+  # transposed-LHS matmul, which XLA:CPU runs faster than the 4D
   # dot_general (contracting N, H', W') that autodiff of a 4D form gives.
   out = jnp.matmul(patches, weight.reshape(patches.shape[1], out_channels))
   return out.reshape(batch, out_h, out_w, out_channels)
@@ -273,7 +273,7 @@ def _canonical_gradients(x, weight, strides, pads, out_grad):
   XLA:CPU runs the weight-gradient convolution jax's autodiff emits
   (batch and feature roles swapped) with a fast kernel only after its
   layout pass makes it canonical, which it cannot do inside a loop body: in
-  a lax.scan such a 3x3 weight gradient ran 30x slower. Writing the
+  a lax.scan such a 3x3 weight gradient ran far slower. Writing the
   transposes out keeps every convolution canonical wherever it runs.
   """
   kernel = weight.shape[:2]
@@ -320,7 +320,7 @@ def conv_cpu_gradients(x: jax.Array, weight: jax.Array,
 
   The forward pass is XLA's. 1x1 kernels ('lax_matmul_grads'): the
   weight gradient is one matmul, patch_matrix(x)^T @ out_grad, instead of
-  XLA:CPU's weight-gradient convolution, 1.5-3x slower on large maps; the
+  XLA:CPU's weight-gradient convolution, slower on large maps; the
   input gradient is out_grad @ W^T through the transpose of the patch
   extraction (an interior pad when strided). Larger kernels
   ('lax_canonical_grads'): both gradients as canonical convolutions

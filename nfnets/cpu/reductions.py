@@ -25,8 +25,8 @@ def channel_sums(x: jax.Array) -> jax.Array:
   (accumulated in at least float32).
 
   Summed as rows [N*H, W*C] over axis 0, then [W, C] over W: XLA:CPU
-  reduces [N*H*W, C] over its long axis 2-3x slower. (A matmul with a row
-  of ones is as fast but accumulates sequentially: 100x less accurate at
+  reduces [N*H*W, C] over its long axis slower. (A matmul with a row of
+  ones is as fast but accumulates sequentially, far less accurately over
   10^5 rows, which a BatchNorm gradient amplifies.)
   """
   accumulate = jnp.promote_types(x.dtype, jnp.float32)
