@@ -111,6 +111,9 @@ def _validate_config(config, device_count: int) -> None:
         f'data.image_size={config.data.image_size} (eval_image_size='
         f'{config.data.eval_image_size}); use image_size=32 or '
         "model.stem='imagenet'.")
+  if config.data.get('random_shift_px', 0) < 0:
+    raise ValueError(f'data.random_shift_px must be >= 0, got '
+                     f'{config.data.random_shift_px}.')
   if config.data.name == 'cifar10':
     data.check_cifar10_config(config.data)
 
@@ -150,7 +153,7 @@ class Experiment:
 
     try:
       self.train_source = data.get_source(config.data, 'train')
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing or unreadable
       raise errors.UserError(str(e)) from None
     batch = config.train.batch_size
     self.steps_per_epoch = max(1, len(self.train_source.records) // batch)

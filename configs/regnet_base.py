@@ -38,7 +38,7 @@ def nf_regnet_imagenet(variant: str) -> ml_collections.ConfigDict:
       se_ratio=0.5,               # model_kwargs se_ratio
       alpha=0.2,                  # model_kwargs alpha
       activation='silu',          # model_kwargs activation
-      beta_placement='after_activation',  # nf_regnet.py: act(x) * beta
+      beta_placement='after_activation',  # nf_regnet.py: act(x) * (1 / std)
       skip_gain_init=0.0,         # reference skip_gain init zeros
       stochastic_depth_rate=0.1,  # model_kwargs stochdepth_rate
       stochastic_depth_scale_by_keep=False,  # base.StochDepth default

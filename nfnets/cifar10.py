@@ -77,8 +77,9 @@ def find_layout(data_dir: str) -> tuple[str, str]:
         'cifar10 needs data.data_dir: a folder with the CIFAR-10 binary '
         'version (python -m nfnets.prepare_cifar10 --data_dir=DIR gets it).')
   if not os.path.isdir(data_dir):
+    what = 'is not a folder' if os.path.exists(data_dir) else 'does not exist'
     raise FileNotFoundError(
-        f'CIFAR-10 folder {data_dir!r} does not exist; python -m '
+        f'CIFAR-10 folder {data_dir!r} {what}; python -m '
         f'nfnets.prepare_cifar10 --data_dir={data_dir} gets the data.')
   for folder in (data_dir, os.path.join(data_dir, ARCHIVE_FOLDER)):
     if _exists(folder, sum(BINARY_FILES.values(), ())):
@@ -131,6 +132,8 @@ def _read_png_labels(path: str, count: int) -> np.ndarray:
     raise ValueError(f'{path} is not a JSON list of labels: {e}') from None
   if labels.ndim != 1 or len(labels) != count:
     raise ValueError(f'{path} has {labels.size} labels for {count} images.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'{path} holds {labels.dtype} labels, not integers.')
   return labels
 
 

@@ -20,6 +20,7 @@ from absl import logging
 import ml_collections
 
 from nfnets import errors
+from nfnets import ops
 from nfnets.cpu import runtime as cpu_runtime
 
 
@@ -68,7 +69,12 @@ def run(main, required=()) -> None:
   flags.mark_flags_as_required(list(required))
 
   def wrapped(argv):
-    for setting in cpu_runtime.configure_process():
+    try:  # environment switches: a bad value is the user's to fix
+      settings = cpu_runtime.configure_process()
+      ops.configured_impl()
+    except ValueError as e:
+      _fail(f'error: {e}')
+    for setting in settings:
       logging.debug('CPU process setting: %s', setting)
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs ~40 lines/save

@@ -32,7 +32,7 @@ CPU_FORMS: dict[str, Callable] = {
     'standardize_weight': cpu_reductions.standardize_weight,
     'add_bias': cpu_reductions.add_bias,
     'channel_sums': cpu_reductions.channel_sums,
-    'pool_max': cpu_reductions.max_pool,
+    'pool_max': cpu_reductions.pool_max,
 }
 
 

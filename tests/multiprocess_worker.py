@@ -16,6 +16,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 
 def main():
+  from nfnets.cpu import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_process()  # as train.py does, before the backend
   process_id, num_processes, port, out = sys.argv[1:5]
   process_id, num_processes = int(process_id), int(num_processes)
   if num_processes > 1:

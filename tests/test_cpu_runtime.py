@@ -341,3 +341,19 @@ def test_entry_points_log_the_settings_they_apply():
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'FLAGS={cpu_runtime.YNN_FLAG}' in result.stdout
   assert 'CPU process setting: XLA_FLAGS has' in result.stderr
+
+
+@pytest.mark.parametrize('variable,value', [
+    ('NFNETS_KEEP_HOST_MEMORY', 'maybe'), ('NFNETS_CPU_CONV_FLAG', 'sure'),
+    ('NFNETS_CONV_IMPL', 'fast')])
+def test_bad_switch_in_the_environment_is_one_line_at_start(variable, value):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env[variable] = value
+  result = subprocess.run(
+      [sys.executable, 'spp.py', '--config=configs/spp/quick.py',
+       '--config.output_dir=/nonexistent/never'], cwd=ROOT, env=env,
+      text=True,
+      capture_output=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"{variable}='{value}' is not allowed" in result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr

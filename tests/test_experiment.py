@@ -120,7 +120,8 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r'''
 
 
 def test_eight_devices_equal_one_device():
-  # Without the YNN flag nfnets sets on import: XLA's Eigen convolutions sum
+  # Without the YNN flag (XLA_FLAGS below replaces the one configure_process
+  # put in this process's environment): XLA's Eigen convolutions sum
   # weight gradients in an order that depends on the per-device batch (4 vs
   # 32), and two full-rate steps of the BN net amplify that to 2e-4 in the
   # weights and 8% in near-zero BatchNorm offsets. YNNPACK's order does not

@@ -14,7 +14,7 @@ def cifar10_config(model_name: str, **model_overrides):
   config.eval_split = 'test'  # CIFAR-10 has train and test splits only
   config.model.update(dict(
       name=model_name,
-      depths=(1, 1, 1, 1),     # one block per stage: 4 blocks, 13 convs
+      depths=(1, 1, 1, 1),     # one block per stage: 4 transition blocks
       width=0.25,              # 16 stem, 64/128/256/512 stage channels
       num_classes=10,
       # 3x3/2 conv, no max-pool: stage 1 at 16 x 16 (the ImageNet stem would

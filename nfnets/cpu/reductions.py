@@ -148,9 +148,9 @@ def _max_of_windows_bwd(window, strides, pads, residuals, out_grad):
 _max_of_windows.defvjp(_max_of_windows_fwd, _max_of_windows_bwd)
 
 
-def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+def pool_max(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
              padding: str) -> jax.Array:
-  """`nfnets.layers.max_pool`'s pooling as the max of the kh * kw strided
+  """`nfnets.layers.pool_max` as the max of the kh * kw strided
   windows, with a custom VJP that routes each output's gradient to the first
   maximum of its window (as XLA does) by masks and
   `conv.strided_windows_transpose`. Reverse mode only (jax.jvp of a custom

@@ -1,6 +1,8 @@
 """Process settings that make XLA:CPU fast, applied by the entry points
-(train.py, eval.py, spp.py, sweep.py, benchmarks, the tests) through one
-call, `configure_process()`, before JAX creates its backend. Importing
+(train.py, eval.py, spp.py and the benchmarks through nfnets.cli.run;
+sweep.py's points are train.py processes; the tests' conftest and
+workers) through one call, `configure_process()`, before JAX creates its
+backend. Importing
 nfnets changes nothing. XLA_FLAGS must be set before JAX starts, so this
 module imports only the standard library at the top. What each setting
 gains is measured in docs/performance.md ("Process settings").
