@@ -186,8 +186,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     if any(int(s) >= 6 for s in steps):
       break
     time.sleep(0.05)
-  # One writer per workdir: a second run is refused, naming the holder.
+  # One writer per workdir: a second run is refused, naming the holder
+  # (paused meanwhile, still holding its lock, so that it cannot finish
+  # all 24 steps before the kill below).
+  process.send_signal(signal.SIGSTOP)
   second = _run([*args, f'--workdir={killed}'], check=False)
+  process.send_signal(signal.SIGCONT)
   assert second.returncode == 2, second.stderr
   assert f'PID {process.pid}' in second.stderr and 'Traceback' not in (
       second.stderr), second.stderr
@@ -272,8 +276,8 @@ def test_unwritable_workdir_and_unknown_dataset(tmp_path):
   with pytest.raises(ValueError, match='Cannot create workdir'):
     experiment.train_and_evaluate(_tiny_config(), str(blocker / 'run'))
   config = _tiny_config()
-  config.data.name = 'cifar10'
-  with pytest.raises(ValueError, match="Unknown dataset 'cifar10'"):
+  config.data.name = 'svhn'
+  with pytest.raises(ValueError, match="Unknown dataset 'svhn'"):
     experiment.Experiment(config)
   config = _tiny_config()
   config.data.name = 'imagenet2012'

@@ -134,10 +134,12 @@ def _subsample(x, window_shape, strides, padding):
 
 @functools.cache
 def _signal_stats(activation, use_se, pool_shortcut):
-  """SPP statistics at init (alpha 1, skip gain 1) on N(0, 1) images."""
+  """SPP statistics at init (alpha 1, skip gain 1) on N(0, 1) images, of
+  the reference block (act(x) / beta)."""
   config = regnet.make_config(
       widths=(48, 104, 208, 440), depths=(1, 3, 3, 2), width=0.5, alpha=1.0,
       skip_gain_init=1.0, activation=activation, use_se=use_se,
+      beta_placement='after_activation',
       stochastic_depth_rate=0.0, dropout_rate=0.0, num_classes=10)
   model = regnet.build(config)
   images = jax.random.normal(jax.random.key(0), (8, 128, 128, 3))
