@@ -6,7 +6,7 @@ Each family module (nfnets.resnet, nfnets.regnet) provides, for its model names:
       apply(params, state, rng, images, is_training, return_stats=False)
         -> (logits or (logits, stats), new_state)
   validate_config(config)            raises ValueError naming the value
-  check_image_size(config, height, width=None)
+  total_stride(config) -> int        how much the network downsamples
   block_plan(config) -> list of BlockSpec-like records (index, stage,
       is_transition, is_stage_end, expected_std) for signal statistics.
 and, where parameters have more than one stored layout (nfnets.resnet's
@@ -17,6 +17,7 @@ experiment.py, spp.py and counting.py go through this module only.
 
 from typing import Callable
 
+from nfnets import layers
 from nfnets import regnet
 from nfnets import resnet
 
@@ -41,7 +42,9 @@ def validate_config(config) -> None:
 
 
 def check_image_size(config, height: int, width: int | None = None) -> None:
-  family(config).check_image_size(config, height, width)
+  """Raises ValueError if the image is smaller than the network's total
+  stride (px)."""
+  layers.check_image_size(family(config).total_stride(config), height, width)
 
 
 def build(config):

@@ -192,10 +192,6 @@ def total_stride(config) -> int:
   return STEM_STRIDES[config.stem] * STAGE_STRIDE**NUM_STAGES
 
 
-def check_image_size(config, height: int, width: int | None = None) -> None:
-  """Raises ValueError if the image is smaller than the total stride."""
-  layers.check_image_size(total_stride(config), height, width)
-
 
 def _scaled(channels: int, width: float) -> int:
   # The reference truncates (int), e.g. 0.75 * 104 = 78.
@@ -322,7 +318,8 @@ class NFRegNet(hk.Module):
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_stats: bool = False):
-    check_image_size(self.config, images.shape[1], images.shape[2])
+    layers.check_image_size(total_stride(self.config), images.shape[1],
+                            images.shape[2])
     config = self.config
     x = self._conv(stem_channels(config), 3, STEM_STRIDES[config.stem],
                    name='stem_conv')(images)

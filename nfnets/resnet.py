@@ -197,10 +197,6 @@ def total_stride(config) -> int:
   return stem.stride * (2 if stem.max_pool else 1) * math.prod(STAGE_STRIDES)
 
 
-def check_image_size(config, height: int, width: int | None = None) -> None:
-  """Raises ValueError if the image is smaller than the total stride."""
-  layers.check_image_size(total_stride(config), height, width)
-
 
 def scaled_channels(channels: int, width: float) -> int:
   return max(1, int(round(channels * width)))
@@ -352,7 +348,8 @@ class ResNet(hk.Module):
 
   def __call__(self, images: jax.Array, is_training: bool,
                return_stats: bool = False):
-    check_image_size(self.config, images.shape[1], images.shape[2])
+    layers.check_image_size(total_stride(self.config), images.shape[1],
+                            images.shape[2])
     config = self.config
     stem = STEMS[config.stem]
     x = self.parts.conv(scaled_channels(STEM_CHANNELS, config.width),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nfnets import counting
+from nfnets import models
 from nfnets import resnet
 from nfnets import spp
 from conftest import jitted
@@ -246,7 +247,7 @@ def test_every_model_takes_every_stem(name, stem, stride):
   logits, _ = model.apply(params, state, None, images, False)
   assert logits.shape == (2, 10)
   with pytest.raises(ValueError, match=f'at least {stride} px'):
-    resnet.check_image_size(config, stride // 2)
+    models.check_image_size(config, stride // 2)
 
 
 def test_cifar_stem_keeps_the_analytic_variance_at_32_px():
