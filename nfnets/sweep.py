@@ -405,18 +405,29 @@ def _write_status(point_dir: str, point: Point, outcome: Outcome,
 
 
 def final_eval(point_dir: str) -> dict:
-  """The last 'eval' row of metrics.jsonl without step/kind ({} if none)."""
+  """The last 'eval' row of metrics.jsonl without step/kind ({} if none),
+  plus train_end_loss / train_end_top1: the train rows' mean over the last
+  10% of the steps (how well the run fits its training data at the end)."""
   path = os.path.join(point_dir, 'metrics.jsonl')
   if not os.path.exists(path):
     return {}
-  last = {}
+  last, train = {}, []
   with open(path) as f:
     for line in f:
       if line.strip():
         row = json.loads(line)
         if row.get('kind') == 'eval':
           last = row
-  return {k: v for k, v in last.items() if k not in ('step', 'kind')}
+        elif row.get('kind') == 'train':
+          train.append(row)
+  result = {k: v for k, v in last.items() if k not in ('step', 'kind')}
+  if train:
+    end = [r for r in train if r['step'] > 0.9 * train[-1]['step']]
+    for name in ('loss', 'top1'):
+      values = [r[name] for r in end if name in r]
+      if values:
+        result[f'train_end_{name}'] = statistics.fmean(values)
+  return result
 
 
 def _format_duration(seconds: float) -> str:

@@ -170,6 +170,18 @@ def test_tables_and_plot_from_rows(tmp_path):
     sweep.plot(png, axes, rows, 'train.batch_size', 'top7')
 
 
+def test_final_eval_adds_train_fit_over_the_last_tenth(tmp_path):
+  rows = [dict(step=s, kind='train', loss=3.0 - s / 100, top1=s / 100)
+          for s in range(10, 101, 10)]
+  rows.insert(5, dict(step=50, kind='eval', loss=9.0, top1=0.1))
+  rows.append(dict(step=100, kind='eval', loss=1.5, top1=0.6, examples=10))
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  # Only the row of step 100 lies in the last 10% of 100 steps.
+  assert sweep.final_eval(str(tmp_path)) == dict(
+      loss=1.5, top1=0.6, examples=10, train_end_loss=2.0, train_end_top1=1.0)
+
+
 def _processes_mentioning(text):
   """Process ids whose command line contains text (Linux /proc)."""
   found = []
