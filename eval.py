@@ -18,6 +18,7 @@ import experiment
 from nfnets import checkpointing
 from nfnets import cli
 from nfnets import errors
+from nfnets import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder with checkpoints/.')
@@ -35,11 +36,12 @@ def main(argv):
     raise errors.UserError(f'workdir {workdir!r} does not exist.')
   exp = experiment.Experiment(config)
   checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+  config_dict = workdir_lib.config_to_dict(config)
   try:
     if _STEP.value is None:
       found = checkpointer.restore_latest_intact(
           exp.abstract_state(), warn=lambda line: print(line, flush=True),
-          other_layouts=exp.other_layouts())
+          other_layouts=exp.other_layouts(), config_dict=config_dict)
       if found is None:
         raise errors.UserError(f'No checkpoint in {checkpointer.directory}.')
       step, state = found[0], found[1]
@@ -47,7 +49,8 @@ def main(argv):
       step = _STEP.value
       try:
         state = checkpointer.restore(step, exp.abstract_state(),
-                                     exp.other_layouts())[0]
+                                     exp.other_layouts(),
+                                     config_dict=config_dict)[0]
       except FileNotFoundError as e:
         raise errors.UserError(str(e)) from None
       except checkpointing.CheckpointMismatchError:
@@ -55,7 +58,7 @@ def main(argv):
       except Exception as e:  # pylint: disable=broad-except
         raise checkpointing.CheckpointDamaged(
             f'Checkpoint step {step} in {checkpointer.directory} cannot be '
-            f'read ({type(e).__name__}); available steps: '
+            f'read ({checkpointing.readable_reason(e)}); available steps: '
             f'{checkpointer.all_steps()}.') from None
   finally:
     checkpointer.close()
@@ -63,8 +66,7 @@ def main(argv):
   path = os.path.join(workdir, f'eval_{split}_{step}.json')
   with open(path, 'w') as f:
     json.dump({'step': step, 'split': split, **metrics}, f, indent=1)
-  print(f'step {step} {split}: ' + ' '.join(
-      f'{k}={v:.4f}' for k, v in metrics.items()))
+  print(f'step {step} {split}: ' + experiment.format_metrics(metrics))
 
 
 if __name__ == '__main__':

@@ -38,6 +38,7 @@ from nfnets import mixing
 from nfnets import models
 from nfnets import optim
 from nfnets import paths
+from nfnets import preemption
 from nfnets import spp
 from nfnets import workdir as workdir_lib
 
@@ -424,9 +425,12 @@ def _format_duration(seconds: float) -> str:
           else f'{rest // 60}:{rest % 60:02d}')
 
 
-def _format_metrics(metrics: dict, names) -> str:
-  return ' '.join(f'{name}={metrics[name]:.4f}' for name in names
-                  if name in metrics)
+def format_metrics(metrics: dict, names=None) -> str:
+  """'name=value ...' for names (default: all, sorted); counts as integers."""
+  names = sorted(metrics) if names is None else names
+  return ' '.join(
+      f'{name}={int(metrics[name])}' if name == 'examples' else
+      f'{name}={metrics[name]:.4f}' for name in names if name in metrics)
 
 
 class _Progress:
@@ -486,7 +490,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
     if lock and lock.previous_holder:
       log(f'Taking over {workdir}: the run that held it ended without '
           f'releasing it ({lock.previous_holder}).')
-    return _train(config, workdir, allow_config_change, log)
+    stop = preemption.StopRequest(log).install()
+    try:
+      return _train(config, workdir, allow_config_change, log, stop)
+    finally:
+      stop.uninstall()
   except BaseException:
     if created and is_main:  # refused before writing anything of value
       workdir_lib.remove_if_unused(workdir)
@@ -496,19 +504,19 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
       lock.release()
 
 
-def _train(config, workdir, allow_config_change, log) -> dict:
+def _train(config, workdir, allow_config_change, log, stop) -> dict:
   experiment = Experiment(config)
   train = config.train
   total = experiment.total_steps
   checkpointer = checkpointing.Checkpointer(workdir, train.keep_checkpoints)
+  config_dict = workdir_lib.config_to_dict(config)
   try:
     found = checkpointer.restore_latest_intact(
         experiment.abstract_state(), warn=log,
-        other_layouts=experiment.other_layouts())
+        other_layouts=experiment.other_layouts(), config_dict=config_dict)
   except BaseException:
     checkpointer.close()
     raise
-  config_dict = workdir_lib.config_to_dict(config)
   if found is None:
     step, state, data_state = 0, None, None
   else:
@@ -531,7 +539,7 @@ def _train(config, workdir, allow_config_change, log) -> dict:
       metrics = experiment.evaluate_state(state, config.eval_split)
     log(f'Already trained: {workdir} holds the final checkpoint (step '
         f'{step}/{total}). Final eval {config.eval_split}: '
-        + _format_metrics(metrics, sorted(metrics)))
+        + format_metrics(metrics))
     return metrics
 
   if state is None:
@@ -554,6 +562,8 @@ def _train(config, workdir, allow_config_change, log) -> dict:
     iterator.set_state(data_state)
   eval_metrics = {}
   try:
+    if stop.should_stop(is_log_step=True):  # a signal during the start
+      raise stop.stopped(step, checkpoint_written=False)
     compile_start = time.time()
     accumulator = experiment.new_accumulator()
     step_fn = experiment.compile_loop_step(state, accumulator)
@@ -572,9 +582,13 @@ def _train(config, workdir, allow_config_change, log) -> dict:
         last_good = checkpointer.latest_step()
         raise TrainingDiverged(
             f'The loss became NaN or Inf at step {bad_step}; stopping. '
-            + (f'The last good checkpoint is step {last_good}.'
+            + (f'The last good checkpoint is step {last_good}: lower '
+               'optim.base_learning_rate or set optim.agc_clipping (e.g. '
+               '0.01) and resume from it with --allow_config_change.'
                if last_good is not None else
-               'No checkpoint was written yet.'))
+               'No checkpoint was written yet: lower '
+               'optim.base_learning_rate or set optim.agc_clipping (e.g. '
+               '0.01) and rerun.'))
 
     while step < total:
       step_start = time.perf_counter()
@@ -599,11 +613,16 @@ def _train(config, workdir, allow_config_change, log) -> dict:
         metrics = {name: float(value) / count
                    for name, value in host['sums'].items()}
         metrics['learning_rate'] = float(host['learning_rate'])
+        # Steps this row averages: fewer than log_every_steps in the first
+        # row after a resume (and the last row of a run).
+        metrics['steps'] = count
         metrics |= progress.interval_metrics()
         writer.write(step, 'train', metrics)
         where, eta = progress.line(step)
-        log(f'{where} loss={metrics["loss"]:.4f} top1={metrics["top1"]:.4f} '
-            f'{metrics["images_per_second"]:,.0f} img/s, data wait '
+        covers = ('' if count == train.log_every_steps else
+                  f' (mean of {count} steps)')
+        log(f'{where} loss={metrics["loss"]:.4f} top1={metrics["top1"]:.4f}'
+            f'{covers} {metrics["images_per_second"]:,.0f} img/s, data wait '
             f'{100 * metrics["data_wait_fraction"]:.0f}%, {eta}')
         accumulator = experiment.new_accumulator()
       if signal_every and step % signal_every == 0:
@@ -618,10 +637,14 @@ def _train(config, workdir, allow_config_change, log) -> dict:
         if latest_signal is not None:
           _log_signal_plot(experiment, latest_signal, writer)
         log(f'eval {config.eval_split} at step {step}: '
-            + _format_metrics(eval_metrics, sorted(eval_metrics)))
-      if step % train.checkpoint_every_steps == 0 or last:
+            + format_metrics(eval_metrics))
+      saving = step % train.checkpoint_every_steps == 0 or last
+      stopping = not last and stop.should_stop(is_log_step)
+      if saving or stopping:
         check_finite()
         checkpointer.save(step, state, data_state, config_dict)
+      if stopping:
+        raise stop.stopped(step)
   finally:
     # Prefetcher's thread, or grain's worker processes and shared memory.
     close_iterator = getattr(iterator, 'close', None)
@@ -631,7 +654,7 @@ def _train(config, workdir, allow_config_change, log) -> dict:
     writer.close()
   log(f'Done: {total} steps, {_format_duration(progress.train_seconds)} of '
       f'training. Final eval {config.eval_split}: '
-      + _format_metrics(eval_metrics, sorted(eval_metrics)))
+      + format_metrics(eval_metrics))
   return eval_metrics
 
 

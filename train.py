@@ -3,7 +3,9 @@
   python train.py --config=configs/nf_resnet50.py --workdir=/tmp/nf50 \
       --config.model.alpha=0.4 --config.train.batch_size=512
 
-Exit codes: 0 done, 2 a mistake to fix (message on stderr), 3 diverged.
+Exit codes: 0 done, 2 a mistake to fix (message on stderr), 3 diverged,
+143 / 130 stopped by SIGTERM / Ctrl-C after writing a checkpoint (rerun the
+same command to resume).
 """
 
 from absl import flags

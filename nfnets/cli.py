@@ -6,12 +6,14 @@ one or two lines without a traceback, library INFO logs off.
     cli.run(main, required=['config', 'workdir'])
 
 Exit codes: 0 done, errors.USER_ERROR_EXIT_CODE (2) for anything the user
-can fix, errors.DIVERGED_EXIT_CODE (3) when training diverged, 1 (with a
-traceback) for a bug.
+can fix, errors.DIVERGED_EXIT_CODE (3) when training diverged, 143 / 130
+when SIGTERM / SIGINT stopped it (train.py first writes a checkpoint;
+nfnets/preemption.py), 1 (with a traceback) for a bug.
 """
 
 import os
 import runpy
+import signal
 import sys
 
 from absl import app
@@ -21,6 +23,7 @@ import ml_collections
 
 from nfnets import errors
 from nfnets import ops
+from nfnets import preemption
 from nfnets.cpu import runtime as cpu_runtime
 
 
@@ -90,9 +93,20 @@ def run(main, required=()) -> None:
         _fail(_explain_config_error(sys.argv, e))
     try:
       main(argv)
+    except preemption.Stopped as e:
+      _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+      _fail('Interrupted (Ctrl-C).', preemption.exit_code(signal.SIGINT))
     except errors.TrainingDiverged as e:
       _fail(f'Training stopped: {e}', errors.DIVERGED_EXIT_CODE)
     except errors.UserError as e:
       _fail(f'error: {e}')
+    except OSError as e:
+      if not errors.is_disk_full(e):
+        raise
+      where = f' while writing {e.filename}' if e.filename else ''
+      _fail(f'error: no space left on the disk{where}; free space and rerun '
+            'the same command (a training run resumes from its last '
+            'checkpoint).')
 
   app.run(wrapped, flags_parser=_parse_flags)

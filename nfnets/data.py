@@ -106,6 +106,17 @@ def _mnist(split: str, image_size: int) -> Source:
 
 def _imagenet(split: str, data_dir: str | None) -> Source:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # tfds logs (absl) what it finds missing, e.g. 'Variant folder ... has no
+  # dataset_info.json', before it raises: held back here, dropped when our
+  # error replaces them, logged as usual when the dataset opens.
+  held = []
+  def hold(record):
+    if 'tensorflow_datasets' not in record.pathname:
+      return True
+    held.append(record)
+    return False
+  logger = logging.get_absl_logger()
+  logger.addFilter(hold)
   try:
     # Images stay JPEG bytes: preprocessing decodes them at reduced scale.
     records = tfds.data_source(
@@ -119,6 +130,10 @@ def _imagenet(split: str, data_dir: str | None) -> Source:
         'Prepare it once from the manual download: python -m '
         'nfnets.prepare_imagenet --manual_dir=DIR --data_dir=DIR (README.md, '
         'section "ImageNet").') from None
+  finally:
+    logger.removeFilter(hold)
+  for record in held:
+    logger.handle(record)
   return Source(records, 1000, IMAGENET_MEAN, IMAGENET_STD)
 
 

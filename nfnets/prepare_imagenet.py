@@ -7,7 +7,9 @@ image-net.org. The result is read by `tfds.data_source('imagenet2012')`.
 Before converting, every image of both tars is counted (headers only, a few
 minutes) and a count other than ILSVRC2012's (1,281,167 train, 50,000
 validation) is refused, naming the tar: a truncated download must not become
-a silently smaller dataset. --allow_subset accepts other counts (tests).
+a silently smaller dataset. --allow_subset accepts other counts (tests);
+a warning then names the classes that have no train images (a train tar cut
+at a file boundary reads without error, just missing its last classes).
 
 TensorFlow is not needed: tfds's imagenet2012 builder and its archive reader
 only touch `tf.io.gfile.exists`, `tf.io.gfile.GFile` and
@@ -16,6 +18,7 @@ only touch `tf.io.gfile.exists`, `tf.io.gfile.GFile` and
 checked before the (hours-long) conversion starts.
 """
 
+import importlib.util
 import os
 import tarfile
 import types
@@ -28,6 +31,8 @@ from nfnets import errors
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
 EXPECTED_COUNTS = {TRAIN_TAR: 1_281_167, VAL_TAR: 50_000}
+# Inside the tensorflow_datasets package: one wnid per line, in label order.
+LABELS_FILE = os.path.join('datasets', 'imagenet2012', 'labels.txt')
 
 
 def _local_tf_shim():
@@ -58,10 +63,11 @@ def check_manual_dir(manual_dir: str) -> None:
           f'"*{inner_suffix}" file.')
 
 
-def count_images(path: str) -> int:
-  """JPEG files in an ILSVRC2012 tar (the train tar's inside its per-class
-  tars). Raises ValueError naming the tar if it is cut mid-file."""
-  count = 0
+def count_images(path: str) -> tuple[int, set[str]]:
+  """(JPEG files in an ILSVRC2012 tar, the wnids of the train tar's
+  per-class tars that hold at least one; empty for the val tar). Raises
+  ValueError naming the tar if it is cut mid-file."""
+  count, classes = 0, set()
   try:
     with tarfile.open(path) as archive:
       for member in archive:
@@ -69,27 +75,49 @@ def count_images(path: str) -> int:
           count += 1
         elif member.name.endswith('.tar'):
           with tarfile.open(fileobj=archive.extractfile(member)) as inner:
-            count += sum(m.name.endswith('.JPEG') for m in inner)
+            images = sum(m.name.endswith('.JPEG') for m in inner)
+          count += images
+          if images:
+            classes.add(os.path.basename(member.name)[:-len('.tar')])
   except (tarfile.TarError, OSError, EOFError) as e:
     raise ValueError(
         f'{path} is damaged or truncated after {count:,} images ({e}); '
         'download it again.') from None
-  return count
+  return count, classes
 
 
-def check_counts(manual_dir: str, allow_subset: bool = False) -> dict:
+def class_names() -> list[str]:
+  """The 1000 ILSVRC2012 wnids, in label order: tfds's imagenet2012 label
+  file (found without importing tfds)."""
+  package = importlib.util.find_spec('tensorflow_datasets')
+  path = os.path.join(os.path.dirname(package.origin), LABELS_FILE)
+  with open(path) as f:
+    return f.read().split()
+
+
+def check_counts(manual_dir: str, allow_subset: bool = False,
+                 warn=print) -> dict:
   """{tar name: image count}; raises ValueError for a count that is not
-  ILSVRC2012's unless allow_subset."""
+  ILSVRC2012's unless allow_subset. warn(line) hears of classes without
+  train images: a train tar cut at a file boundary reads without error."""
   counts = {}
   for name, expected in EXPECTED_COUNTS.items():
     path = os.path.join(manual_dir, name)
-    counts[name] = count_images(path)
+    counts[name], classes = count_images(path)
     if counts[name] != expected and not allow_subset:
       raise ValueError(
           f'{path} holds {counts[name]:,} images, ILSVRC2012 has '
           f'{expected:,}: the file is truncated or not the original; '
           'download it again (or pass --allow_subset for a deliberate '
           'subset).')
+    if name == TRAIN_TAR:
+      names = class_names()
+      missing = [wnid for wnid in names if wnid not in classes]
+      if missing:
+        warn(f'warning: {path} has no images of {len(missing)} of the '
+             f'{len(names)} classes (' + ', '.join(missing[:5])
+             + (', ...' if len(missing) > 5 else '') + '); the prepared '
+             'train split will have none of them.')
   return counts
 
 

@@ -26,7 +26,8 @@ runs.
 Each point's folder holds train.py's files plus `stdout.log`, `stderr.log`
 and `sweep_point.json` (outcome, reason, wall time, the resolved config). A
 rerun skips points that finished or diverged with the same resolved config,
-and reruns (resumes) the others.
+and reruns the others: its progress line says `resume ... (from step N)`
+for a point with a checkpoint, `start` for one without.
 
 The runner launches a point with `launch_point(command, workdir, env)`; a
 later per-device-group runner only needs a different environment per slot
@@ -41,6 +42,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,8 +57,8 @@ from nfnets import errors
 
 STATUS_FILE = 'sweep_point.json'
 # Outcomes that a rerun does not repeat: the same config gives the same result
-# (training is deterministic). 'failed' (exit 2, e.g. a locked workdir) and
-# 'crashed' are retried.
+# (training is deterministic). 'failed' (exit 2, e.g. a locked workdir),
+# 'stopped' (SIGTERM / Ctrl-C: checkpoint written) and 'crashed' are retried.
 FINAL_STATUSES = ('finished', 'diverged')
 _STOPPED = 'Training stopped:'
 _STEP_RE = re.compile(r'at step (\d+)')
@@ -349,8 +351,9 @@ def classify(returncode: int, stderr: str) -> Outcome:
   """Outcome of a train.py exit code and the stderr it wrote.
 
   0 finished; 3 (or an older train.py's 1 with 'Training stopped: ... at
-  step N') diverged; 2 a user error (failed, with train.py's message); any
-  other code crashed, with the last stderr lines.
+  step N') diverged; 143 / 130 with 'Stopped by SIG...' stopped (a
+  checkpoint was written); 2 a user error (failed, with train.py's
+  message); any other code crashed, with the last stderr lines.
   """
   lines = [l.strip() for l in stderr.splitlines() if l.strip()]
   tail = ' | '.join(lines[-_TAIL_LINES:])
@@ -361,6 +364,10 @@ def classify(returncode: int, stderr: str) -> Outcome:
   if returncode == errors.DIVERGED_EXIT_CODE or (returncode == 1 and step):
     return Outcome('diverged', stopped[-1] if stopped else tail,
                    int(step.group(1)) if step else None, returncode=returncode)
+  signalled = [l for l in lines if l.split(': ', 1)[-1].startswith(
+      'Stopped by SIG')]
+  if returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT) and signalled:
+    return Outcome('stopped', signalled[-1], returncode=returncode)
   if returncode == errors.USER_ERROR_EXIT_CODE or stopped:
     # train.py prints one or two lines; absl may add a usage hint after them.
     return Outcome('failed', stopped[-1] if stopped else ' | '.join(lines[-2:]),
@@ -368,6 +375,20 @@ def classify(returncode: int, stderr: str) -> Outcome:
   if returncode < 0:
     tail = f'killed by signal {-returncode}' + (f': {tail}' if tail else '')
   return Outcome('crashed', tail, returncode=returncode)
+
+
+def checkpoint_step(point_dir: str) -> int | None:
+  """The newest checkpoint step under point_dir/checkpoints, None if none:
+  the step train.py resumes from (an older one if that one is damaged).
+
+  Read from the folder names: orbax gives a checkpoint its step as name only
+  once it is complete, and temporary or damaged/ folders are not numbers.
+  """
+  try:
+    names = os.listdir(os.path.join(point_dir, 'checkpoints'))
+  except OSError:
+    return None
+  return max((int(n) for n in names if n.isdigit()), default=None)
 
 
 def _read_status(point_dir: str) -> dict | None:
@@ -485,10 +506,13 @@ def run_points(config_path: str, workdir: str, points: Sequence[Point],
         point_dir = os.path.join(workdir, point.name)
         stderr_path = os.path.join(point_dir, 'stderr.log')
         offset = os.path.getsize(stderr_path) if os.path.exists(stderr_path) else 0
+        step = checkpoint_step(point_dir)  # before train.py writes new ones
         process = launch_point(point_command(config_path, point, point_dir),
                                point_dir, environments[slot])
         running[slot] = (point, process, time.time(), offset, code_version())
-        log(f'[{skipped + len(outcomes)}/{total}] start {point.describe()}')
+        log(f'[{skipped + len(outcomes)}/{total}] ' +
+            (f'start {point.describe()}' if step is None else
+             f'resume {point.describe()} (from step {step:,})'))
       time.sleep(poll_s)
       for slot, (point, process, start, offset, code) in list(running.items()):
         if process.poll() is None:

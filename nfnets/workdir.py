@@ -158,7 +158,19 @@ def check_config(workdir: str, recorded: dict | None, current: dict,
 
 
 def write_config(workdir: str, config_dict: dict) -> None:
+  """Replaces config.json atomically; on a full disk the temporary file is
+  removed and the old config.json kept."""
   path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(config_dict, f, indent=1)
-  os.replace(path + '.tmp', path)
+  try:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(config_dict, f, indent=1)
+    os.replace(path + '.tmp', path)
+  except OSError as e:
+    if os.path.lexists(path + '.tmp'):
+      os.remove(path + '.tmp')
+    if errors.is_disk_full(e):
+      raise errors.UserError(
+          f'No space left on the disk of {os.path.abspath(workdir)} while '
+          f'writing {CONFIG_FILE}; free space and rerun the same '
+          'command.') from None
+    raise

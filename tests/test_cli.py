@@ -84,3 +84,20 @@ def test_user_errors_are_one_or_two_lines_without_traceback(tmp_path):
   for name in ('alpha_zero', 'negative_batch', 'tiny_images',
                'eval_mistyped_workdir'):
     assert not (tmp_path / name).exists(), name
+
+
+def test_full_disk_at_start_is_one_line_and_leaves_no_temporary_file(
+    tmp_path):
+  """/dev/full answers every write with ENOSPC: config.json.tmp linked to it
+  is a disk that fills exactly when the run records its config."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  os.symlink('/dev/full', workdir / 'config.json.tmp')
+  result = _run(['train.py', '--config=configs/quickstart.py', *TINY,
+                 f'--workdir={workdir}'], check=False)
+  assert result.returncode == errors.USER_ERROR_EXIT_CODE, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'No space left on the disk of' in lines[0] and (
+      'config.json; free space and rerun the same command' in lines[0]), lines
+  assert not os.path.lexists(workdir / 'config.json.tmp')
+  assert not os.path.exists(workdir / 'config.json')

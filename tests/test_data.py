@@ -4,6 +4,7 @@ test_prepare_imagenet.py.)"""
 
 import hashlib
 import io
+import re
 
 import jax
 import ml_collections
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 import imagenet_fixtures
 from nfnets import data
 from nfnets import prepare_imagenet
@@ -160,6 +162,21 @@ def test_unprepared_dataset_says_how_to_prepare(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m nfnets.prepare_imagenet') as info:
     data.get_source(_imagenet_config(str(tmp_path)), 'train')
   assert 'delete' not in str(info.value)
+
+
+def test_train_py_on_unprepared_imagenet_prints_only_our_line(tmp_path):
+  """tfds's own log lines about the missing files do not precede ours."""
+  result = helpers.run(['train.py', '--config=configs/nf_resnet50.py',
+                        f'--workdir={tmp_path / "run"}',
+                        f'--config.data.data_dir={tmp_path / "tfds"}'],
+                       check=False, timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = (result.stdout + result.stderr).splitlines()
+  assert lines[-1].startswith('train.py: error: imagenet2012 (train) is not '
+                              'prepared in data_dir='), lines
+  noise = [l for l in lines if 'WARNING' in l or 'tensorflow' in l.lower()
+           or re.match(r'[IWEF]\d{4} ', l)]  # absl's log line prefix
+  assert not noise, lines
 
 
 def test_mnist_is_real_and_split_fixed():

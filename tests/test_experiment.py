@@ -168,6 +168,76 @@ def test_loss_goes_down_on_real_digits():
   assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:10]), losses
 
 
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """The final parameters and data state of an uninterrupted TINY run."""
+  workdir = str(tmp_path_factory.mktemp('straight') / 'run')
+  _run(['train.py', '--config=configs/quickstart.py', *TINY,
+        f'--workdir={workdir}'])
+  return _final_params(workdir, _tiny_config())
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_writes_checkpoint_then_resume_equals_uninterrupted(
+    tmp_path, straight_run, signum):
+  args = ['train.py', '--config=configs/quickstart.py', *TINY]
+  workdir = str(tmp_path / 'run')
+  process = subprocess.Popen([sys.executable, *args, f'--workdir={workdir}'],
+                             cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      os.path.isdir(checkpoint_dir) and '6' in os.listdir(checkpoint_dir)):
+    time.sleep(0.02)
+  # Paused, the signal waits for the continue: it lands mid-training.
+  process.send_signal(signal.SIGSTOP)
+  process.send_signal(signum)
+  process.send_signal(signal.SIGCONT)
+  stdout, stderr = process.communicate(timeout=300)
+  name = signal.Signals(signum).name
+  assert process.returncode == 128 + signum, stderr
+  assert f'{name} received' in stdout
+  match = re.search(rf'Stopped by {name} at step (\d+); checkpoint written; '
+                    r'rerun the same command to resume\.', stderr)
+  assert match and 'Traceback' not in stderr, stderr
+  stopped_at = int(match.group(1))
+  assert 6 <= stopped_at < 24
+  assert checkpointing.Checkpointer(workdir).latest_step() == stopped_at
+  resumed = _run([*args, f'--workdir={workdir}'])
+  assert f'resuming from step {stopped_at}' in resumed.stdout
+  (want, want_data), (got, got_data) = straight_run, _final_params(
+      workdir, _tiny_config())
+  assert got_data == want_data and int(got['step']) == 24
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  # The first train row after the resume says how many steps it averages.
+  rows = {m['step']: m for m in metric_writer.read_metrics(workdir)
+          if m['kind'] == 'train'}
+  first_after = min(step for step in rows if step > stopped_at)
+  assert rows[first_after]['steps'] == first_after - stopped_at
+
+
+def test_second_signal_exits_at_once(tmp_path):
+  process = subprocess.Popen(
+      [sys.executable, 'train.py', '--config=configs/quickstart.py', *TINY,
+       '--config.train.steps=2000', f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in process.stdout:  # the stop handlers are in place by now
+    if line.startswith('Training'):
+      break
+  # Both land while paused; Python handles SIGINT (2) first.
+  process.send_signal(signal.SIGSTOP)
+  process.send_signal(signal.SIGINT)
+  process.send_signal(signal.SIGTERM)
+  process.send_signal(signal.SIGCONT)
+  stdout, stderr = process.communicate(timeout=300)
+  assert 'SIGINT received' in stdout
+  assert process.returncode == 128 + signal.SIGTERM, stderr
+  assert 'Second signal (SIGTERM): exiting now without a checkpoint' in (
+      stderr) and 'Traceback' not in stderr, stderr
+
+
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   config = _tiny_config()
   args = ['train.py', '--config=configs/quickstart.py', *TINY]
@@ -225,13 +295,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   # eval.py on the final checkpoint reproduces what training logged there.
   logged = [m for m in metric_writer.read_metrics(straight)
             if m['kind'] == 'eval' and m['step'] == 24][0]
-  _run(['eval.py', '--config=configs/quickstart.py', *TINY,
-        f'--workdir={straight}'])
+  evaluated_stdout = _run(['eval.py', '--config=configs/quickstart.py',
+                           *TINY, f'--workdir={straight}']).stdout
   with open(os.path.join(straight, 'eval_test_24.json')) as f:
     evaluated = json.load(f)
   for key in ('loss', 'top1', 'top5', 'ema_loss', 'ema_top1'):
     assert evaluated[key] == pytest.approx(logged[key], rel=1e-5), key
   assert evaluated['examples'] == 1000
+  assert 'examples=1000 ' in evaluated_stdout
 
   # A checkpoint of another architecture is refused with what differs.
   mismatch = _run(['eval.py', '--config=configs/quickstart.py', *TINY,
@@ -240,6 +311,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   assert mismatch.returncode != 0
   assert 'does not fit the configured model' in mismatch.stderr
   assert 'different shapes' in mismatch.stderr
+  assert 'trained with model.width=0.25 (this config: 0.5)' in (
+      mismatch.stderr), mismatch.stderr
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

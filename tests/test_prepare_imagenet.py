@@ -38,3 +38,29 @@ def test_truncated_tars_are_refused_naming_the_tar_and_count(tmp_path):
   with pytest.raises(ValueError, match=r'ILSVRC2012_img_val.tar is damaged or '
                                        r'truncated after 6 images'):
     prepare_imagenet.check_counts(manual, allow_subset=True)
+
+
+def test_train_tar_cut_at_a_class_boundary_warns_of_missing_classes(
+    tmp_path, monkeypatch):
+  manual = str(tmp_path)
+  imagenet_fixtures.write_manual_dir(manual, per_class=2, num_val=4)
+  train = os.path.join(manual, prepare_imagenet.TRAIN_TAR)
+  with tarfile.open(train) as archive:  # cut before the third class's tar
+    boundary = [m for m in archive][2].offset
+  with open(train, 'r+b') as f:
+    f.truncate(boundary)
+  warnings = []
+  counts = prepare_imagenet.check_counts(manual, allow_subset=True,
+                                         warn=warnings.append)
+  assert counts == {prepare_imagenet.TRAIN_TAR: 4, prepare_imagenet.VAL_TAR: 4}
+  # tfds's label order starts with the fixture's three classes.
+  assert warnings == [
+      f'warning: {train} has no images of 998 of the 1000 classes '
+      '(n01484850, n01491361, n01494475, n01496331, n01498041, ...); the '
+      'prepared train split will have none of them.']
+  # Every class present: no warning.
+  monkeypatch.setattr(prepare_imagenet, 'class_names',
+                      lambda: list(imagenet_fixtures.SYNSETS[:2]))
+  warnings.clear()
+  prepare_imagenet.check_counts(manual, allow_subset=True, warn=warnings.append)
+  assert warnings == []

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import pytest
 
 from nfnets import sweep
@@ -130,6 +131,9 @@ def test_cli_refuses_before_running(tmp_path):
     (2, 'noise\ntrain.py: workdir /x is locked by process 12', 'failed', None),
     (1, 'Traceback ...\nRuntimeError: boom', 'crashed', None),
     (-9, '', 'crashed', None),
+    (143, 'train.py: Stopped by SIGTERM at step 1,200; checkpoint written; '
+     'rerun the same command to resume.', 'stopped', None),
+    (130, 'Traceback ...\nKeyboardInterrupt', 'crashed', None),
 ])
 def test_classify_exit_codes(code, stderr, status, step):
   outcome = sweep.classify(code, stderr)
@@ -180,6 +184,25 @@ def test_final_eval_adds_train_fit_over_the_last_tenth(tmp_path):
   # Only the row of step 100 lies in the last 10% of 100 steps.
   assert sweep.final_eval(str(tmp_path)) == dict(
       loss=1.5, top1=0.6, examples=10, train_end_loss=2.0, train_end_top1=1.0)
+
+
+def test_rerun_says_resume_for_a_point_with_a_checkpoint(tmp_path,
+                                                         monkeypatch):
+  """The progress line of a point that has a checkpoint names its step."""
+  _, points = _points('model.alpha=0.2,0.5')
+  interrupted = tmp_path / points[0].name / 'checkpoints'
+  for name in ('400', '1200', '1600.orbax-checkpoint-tmp-1', 'damaged'):
+    (interrupted / name).mkdir(parents=True)
+  # Each point's process exits at once: only the launch and the log matter.
+  monkeypatch.setattr(sweep, 'point_command',
+                      lambda *_: [sys.executable, '-c', 'pass'])
+  configs = [ml_collections.ConfigDict({'seed': 0}) for _ in points]
+  lines = []
+  sweep.run_points(QUICKSTART, str(tmp_path), points, configs,
+                   log=lines.append, poll_s=0.01)
+  starts = [l for l in lines if re.match(r'\[\d/2\] (start|resume) ', l)]
+  assert starts == ['[0/2] resume model.alpha=0.2 seed=0 (from step 1,200)',
+                    '[1/2] start model.alpha=0.5 seed=0'], lines
 
 
 def _processes_mentioning(text):
@@ -235,6 +258,8 @@ def test_sweep_runs_resumes_after_kill_skips_and_records_divergence(tmp_path):
   assert json.loads((first / sweep.STATUS_FILE).read_text())['status'] == (
       'finished')
   assert not (second / sweep.STATUS_FILE).exists()
+  resumed_at = sweep.checkpoint_step(str(second))
+  assert resumed_at is not None
 
   # The rerun skips the finished point, resumes the killed one (its training
   # died with the sweep, so the workdir is free) and runs the rest.
@@ -242,6 +267,8 @@ def test_sweep_runs_resumes_after_kill_skips_and_records_divergence(tmp_path):
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert '4 points, 1 already done, 3 to run' in rerun.stdout
+  assert (f'[1/4] resume optim.base_learning_rate=0.2 model.alpha=0.5 seed=0 '
+          f'(from step {resumed_at:,})') in rerun.stdout, rerun.stdout
   assert re.search(r'resum(ing|ed) from (step )?\S*', (second / 'stdout.log')
                    .read_text(), re.IGNORECASE)
   assert '[4/4]' in rerun.stdout and 'ETA' in rerun.stdout
