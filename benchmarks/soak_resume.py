@@ -4,10 +4,10 @@ signals ends bit-identical to an uninterrupted run of the same command.
 Runs `train.py --config=configs/quickstart.py` with a short schedule once
 uninterrupted (the reference), then --cycles times in another workdir: start
 the same command, wait a random time, send SIGKILL, SIGTERM or SIGINT (drawn
-at random), wait for the exit. The wait is drawn uniformly over the expected
-lifetime of that process (start-up plus its remaining steps, from the
-reference's timings, 10% beyond), so signals land in start-up, compilation,
-training, checkpoint writes, the final evaluation and after the exit alike.
+at random), wait for the exit. A quarter of the signals go during start-up
+and compilation, the rest once the run's log reaches a random step a little
+beyond its checkpoint (see `cycle`), so that they land in steps, checkpoint
+writes and evaluations while the run is still unfinished for most cycles.
 Then the command runs once more to the end, and the final checkpoint (every
 array of the train state, and the data iterator state) and the final eval
 metrics are compared with the reference's, bitwise (expected on CPU).
@@ -58,7 +58,7 @@ _STOPPED_RE = re.compile(r'Stopped by (SIG\w+) at step ([\d,]+); checkpoint '
 _COMPILED = 'Compiled the train step'
 
 _CYCLES = flags.DEFINE_integer('cycles', 30, 'Interrupted starts.')
-_STEPS = flags.DEFINE_integer('steps', 300, 'config.train.steps.')
+_STEPS = flags.DEFINE_integer('steps', 600, 'config.train.steps.')
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     'checkpoint_every', 20, 'config.train.checkpoint_every_steps (and '
     'log_every_steps).')
@@ -176,35 +176,62 @@ def judge(returncode: int | None, sent: signal.Signals | None, output: str,
   return f'exit {returncode}: {" | ".join(lines[-2:])}', False, False
 
 
+_STEP_LINE = re.compile(r'^step (\d[\d,]*)/', re.MULTILINE)
+
+
+def _logged_step(log_path: str) -> int:
+  """The newest step the run's log has reached (0 before the first row)."""
+  steps = _STEP_LINE.findall(_read(log_path))
+  return int(steps[-1].replace(',', '')) if steps else 0
+
+
 def cycle(index: int, workdir: str, logs: str, rng: random.Random,
           startup_s: float, step_s: float) -> tuple[list, bool, bool]:
-  """One start, random wait, random signal and exit: (table row, legal,
-  died by another signal than the one sent)."""
+  """One start, a random moment, a random signal and the exit: (table row,
+  legal, died by another signal than the one sent).
+
+  A quarter of the signals go at a random time within start-up (from the
+  reference's timing); the rest once the log has reached a random step in
+  a window of twice the steps per cycle beyond the checkpoint, plus a
+  random part of one log interval, so that most cycles interrupt training
+  however fast the machine is at that moment."""
   before = sweep.checkpoint_step(workdir) or 0
-  lifetime = startup_s + (_STEPS.value - before) * step_s
-  wait = rng.uniform(0, 1.1 * lifetime)
   sig = rng.choice(SIGNALS)
+  in_startup = rng.random() < 0.25
+  window = max(1, round(2 * _STEPS.value / _CYCLES.value))
+  target = min(before + rng.randint(1, window), _STEPS.value)
+  delay = rng.uniform(0, _CHECKPOINT_EVERY.value * step_s)
+  wait_s = rng.uniform(0, startup_s)
   log_path = os.path.join(logs, f'cycle_{index:03d}.log')
   begin = time.monotonic()
   process = start(workdir, log_path)
-  sent = None
+  sent = reached = None
   try:
-    process.wait(timeout=wait)
-  except subprocess.TimeoutExpired:
-    process.send_signal(sig)
-    sent = sig
-    try:
-      process.wait(timeout=_EXIT_TIMEOUT.value)
-    except subprocess.TimeoutExpired:
-      pass
+    while process.poll() is None and sent is None:
+      now = time.monotonic() - begin
+      if reached is None and not in_startup and (
+          _logged_step(log_path) >= target):
+        reached = now
+      if (in_startup and now >= wait_s) or (
+          reached is not None and now >= reached + delay):
+        process.send_signal(sig)
+        sent = sig
+      time.sleep(0.02)
+    if sent is not None:
+      try:
+        process.wait(timeout=_EXIT_TIMEOUT.value)
+      except subprocess.TimeoutExpired:
+        pass
   finally:
     returncode = process.poll()
     _stop(process)  # also when the soak itself is interrupted
   seconds = time.monotonic() - begin
   outcome, legal, crashed = judge(returncode, sent, _read(log_path), workdir)
   after = sweep.checkpoint_step(workdir) or 0
-  row = [index, sent.name if sent else '-', f'{wait:.1f}',
-         f'{seconds:.1f}', returncode, f'{before} -> {after}',
+  when = (f'{wait_s:.1f} s (start-up)' if in_startup else
+          f'step {target} +{delay:.1f} s')
+  row = [index, sent.name if sent else '-', when, f'{seconds:.1f}',
+         returncode, f'{before} -> {after}',
          outcome if legal else f'ILLEGAL: {outcome} (log: {log_path})']
   return row, legal, crashed
 
@@ -272,7 +299,7 @@ def main(argv):
   print(f'Uninterrupted run: {seconds:.1f} s, {startup:.1f} s of it start-up '
         'and compilation.', flush=True)
 
-  print(harness.markdown_table(['cycle', 'signal', 'after s', 'exit s',
+  print(harness.markdown_table(['cycle', 'signal', 'sent at', 'exit s',
                                 'exit code', 'checkpoint step', 'outcome']),
         flush=True)
   illegal = crashed = 0
