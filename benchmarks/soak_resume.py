@@ -192,13 +192,13 @@ def cycle(index: int, workdir: str, logs: str, rng: random.Random,
 
   A quarter of the signals go at a random time within start-up (from the
   reference's timing); the rest once the log has reached a random step in
-  a window of twice the steps per cycle beyond the checkpoint, plus a
+  a window of the steps per cycle beyond the checkpoint, plus a
   random part of one log interval, so that most cycles interrupt training
   however fast the machine is at that moment."""
   before = sweep.checkpoint_step(workdir) or 0
   sig = rng.choice(SIGNALS)
   in_startup = rng.random() < 0.25
-  window = max(1, round(2 * _STEPS.value / _CYCLES.value))
+  window = max(1, round(_STEPS.value / _CYCLES.value))
   target = min(before + rng.randint(1, window), _STEPS.value)
   delay = rng.uniform(0, _CHECKPOINT_EVERY.value * step_s)
   wait_s = rng.uniform(0, startup_s)
