@@ -99,7 +99,8 @@ def _check_flags() -> None:
 
 
 def start(workdir: str, log_path: str) -> subprocess.Popen:
-  """train.py in its own session (a Ctrl-C of the soak does not reach it);
+  """train.py in a session of its own, so that a Ctrl-C at the terminal
+  stops only this script, which then stops the run;
   stdout and stderr to log_path."""
   with open(log_path, 'wb') as log:
     return subprocess.Popen(command(workdir), cwd=harness.ROOT, stdout=log,
