@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nfnets import backend
 from nfnets import checkpointing
 from nfnets import counting
 from nfnets.cpu import runtime as cpu_runtime
@@ -40,10 +41,15 @@ from nfnets import optim
 from nfnets import paths
 from nfnets import preemption
 from nfnets import spp
+from nfnets import weights as weights_lib
 from nfnets import workdir as workdir_lib
 
 AXIS = 'data'
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# jax.default_matmul_precision values: 'highest' keeps float32 matmuls and
+# convolutions float32 on every backend (no TF32 on GPU, no bf16 passes on
+# TPU); 'high' / 'default' trade that for speed.
+MATMUL_PRECISIONS = ('highest', 'high', 'default')
 
 
 TrainingDiverged = errors.TrainingDiverged
@@ -81,6 +87,13 @@ def _validate_config(config, device_count: int) -> None:
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f'Unknown compute_dtype {config.compute_dtype!r}; '
                      f'allowed: {tuple(COMPUTE_DTYPES)}.')
+  if config.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f'Unknown matmul_precision {config.matmul_precision!r}; '
+                     f'allowed: {MATMUL_PRECISIONS}.')
+  init_path = config.init_from.path
+  if init_path and not os.path.exists(init_path):
+    raise ValueError(f'init_from.path={init_path!r} does not exist; give a '
+                     'weights file (*.safetensors) or a training workdir.')
   for name in ('batch_size', 'eval_batch_size'):
     if config.train[name] < 1:
       raise ValueError(f'train.{name} must be >= 1, got {config.train[name]}.')
@@ -92,6 +105,17 @@ def _validate_config(config, device_count: int) -> None:
       raise ValueError(
           f'train.{batch_name}={config.train[batch_name]} is not divisible '
           f'by the {device_count} devices; use a multiple of {device_count}.')
+  accumulation = config.train.accumulation_steps
+  if not isinstance(accumulation, int) or accumulation < 1:
+    raise ValueError(f'train.accumulation_steps must be an integer >= 1, got '
+                     f'{accumulation!r}.')
+  if accumulation > 1 and config.train.batch_size % (accumulation
+                                                      * device_count):
+    raise ValueError(
+        f'train.batch_size={config.train.batch_size} does not split into '
+        f'train.accumulation_steps={accumulation} micro-batches on each of '
+        f'the {device_count} devices; use a multiple of '
+        f'{accumulation * device_count}.')
   for name in ('steps', 'log_every_steps', 'eval_every_steps',
                'signal_stats_every_steps'):
     if config.train[name] < 0:
@@ -119,6 +143,18 @@ def _validate_config(config, device_count: int) -> None:
     data.check_cifar10_config(config.data)
 
 
+DETERMINISTIC_XLA_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def use_deterministic_kernels(config) -> None:
+  """Adds XLA's deterministic-GPU-kernels flag to XLA_FLAGS when
+  config.deterministic. XLA reads the variable when the backend starts:
+  the scripts call this before anything touches a device."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if config.deterministic and DETERMINISTIC_XLA_FLAG not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISTIC_XLA_FLAG}'.strip()
+
+
 class Experiment:
   """Model, optimizer and the jitted data-parallel train and eval steps.
 
@@ -134,6 +170,7 @@ class Experiment:
     # One device: no sums or averages over devices in the train step (XLA
     # keeps even a one-device all-reduce, as a copy and a barrier).
     one_device = self.mesh.size == 1
+    self._one_device = one_device
     # Only single-device computations run inline (on this thread), where
     # the host memory a CPU step frees can be kept for the next one.
     self._keep_host_memory = (cpu_runtime.computations_run_inline()
@@ -143,13 +180,16 @@ class Experiment:
     self.compute_dtype = COMPUTE_DTYPES[config.compute_dtype]
 
     # Same parameters, two BatchNorm settings: statistics averaged over the
-    # mesh axis inside the train step (unless on one device); none outside
-    # the mesh (init) and in eval mode (which uses the moving averages).
+    # mesh axis inside the train step (unless on one device, or
+    # train.bn_sync_devices is False: then each device normalizes by its own
+    # examples' statistics); none outside the mesh (init) and in eval mode
+    # (which uses the moving averages).
     local_config = copy.deepcopy(config.model)
     local_config.bn_axis_name = None
     self.model = models.build(local_config)
     mesh_config = copy.deepcopy(config.model)
-    mesh_config.bn_axis_name = None if one_device else AXIS
+    mesh_config.bn_axis_name = (
+        AXIS if config.train.bn_sync_devices and not one_device else None)
     self.train_model = models.build(mesh_config)
 
     try:
@@ -175,7 +215,8 @@ class Experiment:
         self._train_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
         check_vma=not one_device)
-    self._train_step = jax.jit(self._train_step_global, donate_argnums=0)
+    self._train_step = jax.jit(self._per_device_train_step,
+                               donate_argnums=0)
     self._train_step_accumulate = jax.jit(self._train_and_accumulate,
                                           donate_argnums=(0, 2))
     # The same parameters without dropout / stochastic depth and with local
@@ -190,6 +231,7 @@ class Experiment:
     self._eval_step = jax.jit(jax.shard_map(
         self._eval_step_per_device, mesh=self.mesh,
         in_specs=(P(), P(), P(AXIS)), out_specs=P()))
+    self._mix_rng_seed = (config.seed, jax.process_index())
 
   def _normalize(self, images: jax.Array) -> jax.Array:
     """uint8 [N, H, W, 3] -> compute dtype, per-channel standardized."""
@@ -237,44 +279,86 @@ class Experiment:
   def mixing(self) -> bool:
     return bool(self.config.train.mixup_alpha or self.config.train.cutmix)
 
-  def _train_step_global(self, state, batch):
-    """The jitted step on the global batch: MixUp/CutMix (when on) over the
-    whole batch, so the result does not depend on the number of devices,
-    then the per-device program."""
-    if self.mixing:
-      rng = jax.random.wrap_key_data(state['rng'])
-      mix_rng = jax.random.split(jax.random.fold_in(rng, state['step']))[1]
-      images, targets = mixing.mix_batch(
-          mix_rng, self._normalize(batch['images']), batch['labels'],
-          self.config.model.num_classes, self.config.train.mixup_alpha,
-          self.config.train.cutmix)
-      batch = dict(batch, images=images, targets=targets)
-    return self._per_device_train_step(state, batch)
+  def mix_parameters(self, step: int, local_batch_size: int) -> dict:
+    """Host-drawn MixUp ratios and CutMix boxes for this process's part of
+    the batch of `step` (mixing.draw_mix; {} when mixing is off): a function
+    of (seed, step, process), so a resumed run draws the same."""
+    if not self.mixing:
+      return {}
+    size = self.config.data.image_size
+    rng = np.random.default_rng((*self._mix_rng_seed, step))
+    devices = jax.local_device_count()
+    return mixing.draw_mix(rng, local_batch_size // devices, devices, size,
+                           size, self.config.train.mixup_alpha,
+                           self.config.train.cutmix)
+
+  def _loss_and_grads(self, params, bn_state, rng, images, targets):
+    """Mean loss, logits, new BatchNorm state and gradients of one
+    (micro-)batch on this device."""
+
+    def loss_fn(params):
+      logits, new_bn_state = self.train_model.apply(
+          params, bn_state, rng, images, is_training=True)
+      loss = optim.classification_loss(
+          logits, targets, self.config.optim.label_smoothing).mean()
+      return loss, (logits, new_bn_state)
+
+    (loss, (logits, bn_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    return loss, logits, bn_state, grads
 
   def _train_step_per_device(self, state, batch):
+    with jax.default_matmul_precision(self.config.matmul_precision):
+      return self._train_step_body(state, batch)
+
+  def _train_step_body(self, state, batch):
     config = self.config
     rng = jax.random.wrap_key_data(state['rng'])
     rng = jax.random.fold_in(jax.random.fold_in(rng, state['step']),
                              jax.lax.axis_index(AXIS))
-    images = batch['images']
-    if images.dtype == jnp.uint8:  # not mixed: normalized here, per device
-      images = self._normalize(images)
+    images = self._normalize(batch['images'])
     labels = batch['labels']
-    targets = batch.get('targets', labels)
+    targets = labels
+    if 'mix_ratio' in batch:  # pairs within this device's examples
+      images, targets = mixing.apply_mix(
+          images, labels, config.model.num_classes, batch['mix_ratio'],
+          batch['mix_box'])
+    params = state['params']
+    if not self._one_device:
+      # Each device differentiates its own loss and the gradients are then
+      # averaged explicitly, in float32 (the parameters' dtype). Left to
+      # shard_map's transpose, the sum would be taken where the forward
+      # uses each parameter, in the compute dtype (bfloat16).
+      params = jax.lax.pcast(params, AXIS, to='varying')
+    micro_batches = config.train.accumulation_steps
+    if micro_batches == 1:
+      loss, logits, bn_state, grads = self._loss_and_grads(
+          params, state['bn_state'], rng, images, targets)
+    else:
+      # K micro-batches in sequence: gradients summed, BatchNorm state
+      # carried from one to the next, a fresh key for each.
+      def split(x):
+        return x.reshape(micro_batches, -1, *x.shape[1:])
 
-    def loss_fn(params):
-      logits, bn_state = self.train_model.apply(
-          params, state['bn_state'], rng, images, is_training=True)
-      loss = optim.classification_loss(
-          logits, targets, config.optim.label_smoothing).mean()
-      # The global-batch mean. Differentiating it with respect to the
-      # replicated parameters gives the global gradient, already summed over
-      # the mesh by shard_map's transpose rules (no explicit pmean needed;
-      # on one device there is nothing to sum, see __init__).
-      return jax.lax.pmean(loss, AXIS), (logits, bn_state)
+      def micro_step(carry, micro):
+        grad_sum, bn_state = carry
+        index, micro_images, micro_targets = micro
+        loss, logits, bn_state, grads = self._loss_and_grads(
+            params, bn_state, jax.random.fold_in(rng, index), micro_images,
+            micro_targets)
+        return (jax.tree.map(jnp.add, grad_sum, grads), bn_state), (loss,
+                                                                    logits)
 
-    (loss, (logits, bn_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state['params'])
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      (grads, bn_state), (losses, logits) = jax.lax.scan(
+          micro_step, (zeros, state['bn_state']),
+          (jnp.arange(micro_batches), split(images), split(targets)))
+      grads = jax.tree.map(lambda g: g / micro_batches, grads)
+      loss = losses.mean()
+      logits = logits.reshape(-1, logits.shape[-1])
+    if not self._one_device:
+      grads = jax.lax.pmean(grads, AXIS)
+      loss = jax.lax.pmean(loss, AXIS)
     updates, opt_state = self.optimizer.update(grads, state['opt_state'],
                                                state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -297,6 +381,9 @@ class Experiment:
 
   def train_step(self, state: dict, local_batch: dict):
     """One optimizer step on a process-local batch; donates state."""
+    if self.mixing:  # the step number is needed on the host
+      local_batch = local_batch | self.mix_parameters(
+          int(state['step']), len(local_batch['labels']))
     with jax.set_mesh(self.mesh):
       batch = self.shard_batch(local_batch)
       if self._keep_host_memory:
@@ -322,7 +409,7 @@ class Experiment:
         learning_rate=jnp.zeros((), jnp.float32)), self.replicated)
 
   def _train_and_accumulate(self, state, batch, accumulator):
-    new_state, metrics = self._train_step_global(state, batch)
+    new_state, metrics = self._per_device_train_step(state, batch)
     finite = jnp.isfinite(metrics['loss'])
     first = accumulator['first_nonfinite_step']
     accumulator = dict(
@@ -343,12 +430,12 @@ class Experiment:
     host memory between steps (`train_step`)."""
     local = data.local_batch_size(self.config.train.batch_size)
     size = self.config.data.image_size
-    batch = {
-        'images': jax.ShapeDtypeStruct(
-            (local * jax.process_count(), size, size, 3), jnp.uint8,
-            sharding=self.batch_sharding),
-        'labels': jax.ShapeDtypeStruct((local * jax.process_count(),),
-                                       jnp.int32, sharding=self.batch_sharding)}
+    local_batch = dict(images=np.zeros((local, size, size, 3), np.uint8),
+                       labels=np.zeros((local,), np.int32))
+    local_batch |= self.mix_parameters(0, local)
+    batch = {name: jax.ShapeDtypeStruct(
+        (local * jax.process_count(), *value.shape[1:]), value.dtype,
+        sharding=self.batch_sharding) for name, value in local_batch.items()}
     with jax.set_mesh(self.mesh):
       compiled = self._train_step_accumulate.lower(state, batch,
                                                    accumulator).compile()
@@ -356,13 +443,18 @@ class Experiment:
       return compiled
     return functools.partial(self._run_keeping_host_memory, compiled)
 
-  def device_batches(self, iterator, ahead: int = _DEVICE_PREFETCH):
-    """Yields (device batch, data state after it) from a host iterator,
-    keeping `ahead` batches on the devices beyond the one returned."""
+  def device_batches(self, iterator, first_step: int,
+                     ahead: int = _DEVICE_PREFETCH):
+    """Yields (device batch, data state after it) from a host iterator for
+    steps first_step, first_step + 1, ..., keeping `ahead` batches on the
+    devices beyond the one returned (with their mixing parameters)."""
     queued = collections.deque()
+    step = first_step
     while True:
       while len(queued) <= ahead:
         batch = next(iterator)
+        batch = batch | self.mix_parameters(step, len(batch['labels']))
+        step += 1
         queued.append((self.shard_batch(batch), iterator.get_state()))
       yield queued.popleft()
 
@@ -370,8 +462,9 @@ class Experiment:
     size = self.config.data.image_size
     images = jax.random.normal(jax.random.key(_PROBE_SEED),
                                (_PROBE_BATCH, size, size, 3), self.compute_dtype)
-    (_, stats), _ = self._probe_model.apply(params, bn_state, None, images,
-                                            True, True)
+    with jax.default_matmul_precision(spp.SPP_PRECISION):
+      (_, stats), _ = self._probe_model.apply(params, bn_state, None, images,
+                                              True, True)
     return stats
 
   def signal_statistics(self, state) -> dict:
@@ -382,27 +475,69 @@ class Experiment:
       stats = self._signal_statistics(state['params'], state['bn_state'])
     return jax.tree.map(np.asarray, stats)
 
-  def _eval_step_per_device(self, params, bn_state, batch):
-    logits, _ = self.model.apply(params, bn_state, None,
-                                 self._normalize(batch['images']),
-                                 is_training=False)
-    mask = batch['mask'].astype(jnp.float32)
-    labels = batch['labels']
-    loss = optim.classification_loss(logits, labels, 0.0)
-    sums = dict(loss=loss, top1=optim.topk_correct(logits, labels, 1),
-                top5=optim.topk_correct(logits, labels, 5))
-    sums = {k: jnp.sum(v * mask) for k, v in sums.items()}
-    sums['count'] = jnp.sum(mask)
-    return jax.lax.psum(sums, AXIS)
+  def initialize_from(self, state: dict, log=print) -> dict:
+    """state with the parameters (and BatchNorm state) of
+    config.init_from, a fresh optimizer and the EMA restarted from them;
+    logs one line saying what was loaded and what was re-initialized."""
+    init_from = self.config.init_from
+    loaded = weights_lib.read(init_from.path, warn=log)
+    source = loaded.params
+    if init_from.use_ema:
+      if loaded.ema_params is None:
+        raise errors.UserError(
+            f'init_from.use_ema is True but {loaded.source} has no EMA '
+            'parameters; set --config.init_from.use_ema=False.')
+      source = loaded.ema_params
+    host = checkpointing.to_host(state)
+    for _, back in models.other_layouts(self.config.model):
+      if set(source) != set(host['params']):  # stored in the other layout
+        source = checkpointing.to_host(back(source))
+    params, fresh = weights_lib.transplant(host['params'], source, 'params')
+    bn_state, fresh_bn = weights_lib.transplant(
+        host['bn_state'], loaded.bn_state, 'bn_state')
+    state = dict(host, params=params, bn_state=bn_state,
+                 opt_state=self.optimizer.init(params),
+                 ema_params=params if self.config.optim.ema_decay else {})
+    kept = sorted(set(fresh) | set(fresh_bn))
+    log(f'Initialized from {loaded.source}'
+        + (' (its EMA parameters)' if init_from.use_ema else '') + ': '
+        f'{counting.count_params(params) / 1e6:.2f}M parameters loaded'
+        + (f', re-initialized {", ".join(kept)} (another num_classes)'
+           if kept else ', nothing re-initialized')
+        + '; optimizer and step start fresh.')
+    return jax.device_put(state, self.replicated)
 
-  def evaluate(self, params, bn_state, split: str) -> dict:
+  def _eval_step_per_device(self, named_params, bn_state, batch):
+    """Global sums of loss, top-1, top-5 and the example count for each
+    parameter set in named_params ({prefix: params}), all on the same
+    decoded batch."""
+    with jax.default_matmul_precision(self.config.matmul_precision):
+      images = self._normalize(batch['images'])
+      mask = batch['mask'].astype(jnp.float32)
+      labels = batch['labels']
+      sums = {}
+      for prefix, params in named_params.items():
+        logits, _ = self.model.apply(params, bn_state, None, images,
+                                     is_training=False)
+        per_example = dict(
+            loss=optim.classification_loss(logits, labels, 0.0),
+            top1=optim.topk_correct(logits, labels, 1),
+            top5=optim.topk_correct(logits, labels, 5))
+        sums |= {prefix + name: jnp.sum(value * mask)
+                 for name, value in per_example.items()}
+      sums['count'] = jnp.sum(mask)
+      return jax.lax.psum(sums, AXIS)
+
+  def evaluate(self, named_params: dict, bn_state, split: str) -> dict:
     """Loss, top-1 and top-5 over every example of split (global sums
-    divided by the global count)."""
+    divided by the global count), for each {prefix: params} of
+    named_params, with names prefixed; each batch is decoded once."""
     totals = None
     with jax.set_mesh(self.mesh):
       for batch in data.eval_batches(self.config.data, split,
                                      self.config.train.eval_batch_size):
-        sums = self._eval_step(params, bn_state, self.shard_batch(batch))
+        sums = self._eval_step(named_params, bn_state,
+                               self.shard_batch(batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals,
                                                           sums)
     totals = jax.tree.map(float, totals)
@@ -410,12 +545,12 @@ class Experiment:
     return {k: v / count for k, v in totals.items()} | {'examples': count}
 
   def evaluate_state(self, state: dict, split: str) -> dict:
-    """Metrics of the plain parameters and, with EMA, 'ema_'-prefixed ones."""
-    metrics = self.evaluate(state['params'], state['bn_state'], split)
-    if self.config.optim.ema_decay:
-      ema = self.evaluate(state['ema_params'], state['bn_state'], split)
-      metrics |= {f'ema_{k}': v for k, v in ema.items() if k != 'examples'}
-    return metrics
+    """Metrics of the plain parameters and, with EMA, 'ema_'-prefixed ones
+    (the EMA parameters run on the same decoded batches)."""
+    named_params = {'': state['params']}
+    if self.config.optim.ema_decay and state.get('ema_params'):
+      named_params['ema_'] = state['ema_params']
+    return self.evaluate(named_params, state['bn_state'], split)
 
 
 def _format_duration(seconds: float) -> str:
@@ -519,6 +654,12 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
     raise
   if found is None:
     step, state, data_state = 0, None, None
+    if config.init_from.path:
+      try:
+        state = experiment.initialize_from(experiment.init_state(), log)
+      except BaseException:
+        checkpointer.close()
+        raise
   else:
     step, state, data_state, recorded = found
     if recorded is None:  # checkpoints from before configs were stored
@@ -531,6 +672,9 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
       raise
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config_dict)
+    names = getattr(data, 'class_names', lambda _: None)(config.data)  # TEMP-B
+    if names is not None:
+      workdir_lib.write_class_names(workdir, names)
 
   if step >= total:
     checkpointer.close()
@@ -545,12 +689,21 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
   if state is None:
     state = experiment.init_state()
   params = counting.count_params(state['params'])
+  log(backend.describe())
+  warning = backend.accelerator_warning()
+  if warning:
+    log(warning)
+  micro = train.accumulation_steps
   log(f'Training {config.model.name} ({params / 1e6:.2f}M parameters) on '
       f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s) '
       f'in {jax.process_count()} process(es): global batch '
-      f'{train.batch_size}, {total} steps '
+      f'{train.batch_size}'
+      + (f' ({micro} micro-batches of {train.batch_size // micro})'
+         if micro > 1 else '') + f', {total} steps '
       f'({total / experiment.steps_per_epoch:.1f} epochs), workdir {workdir}, '
-      + (f'resuming from step {step}.' if step else 'from scratch.'))
+      + (f'resuming from step {step}.' if step else
+         'from the weights above.' if config.init_from.path else
+         'from scratch.'))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   iterator = data.train_iterator(config.data, train.batch_size, config.seed,
@@ -573,7 +726,7 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
     latest_signal = None
     if signal_every and step % signal_every == 0:
       latest_signal = _log_signal_statistics(experiment, state, step, writer)
-    batches = experiment.device_batches(iterator)
+    batches = experiment.device_batches(iterator, step)
     previous_done = None
 
     def check_finite():

@@ -27,6 +27,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 
 def main(argv):
   del argv
+  experiment.use_deterministic_kernels(_CONFIG.value)
   if _DISTRIBUTED.value:
     # Cross-process collectives on CPU need gloo; GPU and TPU ignore this.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')

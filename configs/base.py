@@ -16,7 +16,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.compute_dtype = 'float32'  # or 'bfloat16' (params, loss stay f32)
+  # Matmul/convolution precision of float32 compute: 'highest' is float32
+  # on every backend; 'high' / 'default' allow TF32 on GPUs and fewer
+  # bfloat16 passes on TPUs (faster). SPPs always use 'highest'.
+  config.matmul_precision = 'highest'
+  # Deterministic GPU kernels (XLA's --xla_gpu_deterministic_ops): a resumed
+  # run equals an uninterrupted one on GPU too, at some speed cost. CPU runs
+  # are deterministic without it.
+  config.deterministic = False
   config.eval_split = 'validation'
+  # Start a new run from trained weights: a weights file (*.safetensors,
+  # e.g. converted timm weights) or another run's workdir (its newest
+  # checkpoint). The optimizer and step start fresh; a classifier of
+  # another num_classes is re-initialized. use_ema: start from the source's
+  # EMA parameters. Ignored when the workdir already has a checkpoint.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.path = ''
+  config.init_from.use_ema = False
 
   config.model = resnet.default_config()
 
@@ -38,6 +54,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 1024      # global, over all devices (reference)
   config.train.eval_batch_size = 1000
+  # Micro-batches per optimizer step: each device runs K forward/backward
+  # passes on batch_size / (K x devices) examples and the gradients are
+  # averaged (exact for NF nets; BatchNorm nets normalize by each
+  # micro-batch). Steps, ETA and checkpoints count optimizer steps.
+  config.train.accumulation_steps = 1
+  # BatchNorm baselines: batch statistics averaged over all devices in each
+  # layer (True), or each device's own examples only (False).
+  config.train.bn_sync_devices = True
   config.train.epochs = 90            # reference NF-ResNet schedule
   # Total optimizer steps; 0 = epochs x (train examples // batch_size).
   config.train.steps = 0

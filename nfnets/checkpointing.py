@@ -211,7 +211,9 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, other_layouts=(),
               warn=None, config_dict=None):
     """(state, data_state, config_dict or None) of step; abstract_state
-    gives structure, shapes and shardings. other_layouts: [(to_other,
+    gives structure, shapes and shardings (None: the state as stored, on
+    the first device, of which only WEIGHT_ITEMS are returned: for
+    inference and init_from). other_layouts: [(to_other,
     back)] of the model's other parameter layouts (models.other_layouts):
     a checkpoint stored in one of them is read in it and converted back.
     Raises CheckpointMismatchError naming what differs, FileNotFoundError
@@ -227,6 +229,9 @@ class Checkpointer:
           f'{self.all_steps()}.')
     stored = self.manager.item_metadata(step)['state']
     stored = getattr(stored, 'tree', stored)
+    weights_only = abstract_state is None
+    if weights_only:
+      abstract_state = _as_stored(stored)
     mismatch = describe_mismatch(abstract_state['params'], stored['params'])
     back = None
     for to_other, to_model in other_layouts if mismatch else ():
@@ -254,6 +259,8 @@ class Checkpointer:
       warn(f'note: checkpoint step {step} has no checksums (written by an '
            'older version); its contents are read unverified.')
     state = restored['state'] if back is None else back(restored['state'])
+    if weights_only:
+      state = {name: state[name] for name in WEIGHT_ITEMS if name in state}
     return state, restored['data'], config or None
 
   def _model_differences(self, step: int, config_dict) -> str:
@@ -375,6 +382,19 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+WEIGHT_ITEMS = ('params', 'bn_state', 'ema_params')
+
+
+def _as_stored(stored_metadata) -> dict:
+  """A stored train state's metadata as an abstract tree: shapes and dtypes
+  as stored, on the first local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype,
+                                        sharding=device),
+      dict(stored_metadata))
 
 
 def _mebibytes(size: int) -> str:

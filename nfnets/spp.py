@@ -44,6 +44,9 @@ from nfnets.signal_stats import STAT_KEYS
 _MAX_JIT_BLOCKS = stacking.AUTO_SCAN_MAX_UNROLLED_BLOCKS
 # Parameters do not depend on the image size: initialize on small images.
 _INIT_IMAGE_SIZE = 32
+# Full float32 matmuls and convolutions on every backend (no TF32 on GPU, no
+# bfloat16 passes on TPU): SPP numbers compare across machines.
+SPP_PRECISION = 'highest'
 
 CSV_FIELDS = ('model', 'block', 'stage', 'is_stage_end', 'squared_mean',
               'variance', 'residual_variance', 'expected_variance')
@@ -252,9 +255,10 @@ def measure(label: str, model_config, image_size: int, batch_size: int,
   else:
     init = model.init
   init_images = jnp.zeros((2, _INIT_IMAGE_SIZE, _INIT_IMAGE_SIZE, 3))
-  params, state = init(init_rng, init_images, True)
-  # Dispatch is asynchronous: wait, so that `seconds` includes the compute.
-  stats = jax.block_until_ready(statistics(params, state, images))
+  with jax.default_matmul_precision(SPP_PRECISION):
+    params, state = init(init_rng, init_images, True)
+    # Dispatch is asynchronous: wait, so `seconds` includes the compute.
+    stats = jax.block_until_ready(statistics(params, state, images))
   return from_stats(label, plan, stats, model_config.get('alpha'),
                     seconds=time.time() - start)
 
@@ -313,8 +317,9 @@ def measure_function(label: str, forward: Callable[[jax.Array], Mapping],
       len(plan) if stage_depths is not None else None)
   if stage_depths is None:
     plan = plan_from_depths([num_blocks])
-  params, state = init(init_rng, init_images)
-  stats, _ = jax.block_until_ready(apply(params, state, apply_rng, images))
+  with jax.default_matmul_precision(SPP_PRECISION):
+    params, state = init(init_rng, init_images)
+    stats, _ = jax.block_until_ready(apply(params, state, apply_rng, images))
   return from_stats(label, plan, stats, seconds=time.time() - start)
 
 

@@ -5,6 +5,7 @@ Files (besides checkpoints/, metrics.jsonl, tensorboard/):
   config.json          the config of the run now training (written only after
                        the config validated and matched the checkpoints)
   config_history.jsonl one row per accepted config change: step and changes
+  class_names.json     the dataset's class names in label order (if known)
 
 The lock is an fcntl.flock on train.lock held for the life of the process;
 the kernel releases it when the process ends in any way (kill -9 included),
@@ -26,6 +27,7 @@ from nfnets import errors
 
 LOCK_FILE = 'train.lock'
 CONFIG_FILE = 'config.json'
+CLASS_NAMES_FILE = 'class_names.json'
 HISTORY_FILE = 'config_history.jsonl'
 # Fields that change how a run is read, logged or scheduled on the machine,
 # not what it computes: a resume may change them freely.
@@ -115,6 +117,28 @@ def flatten(config_dict: dict, prefix: str = '') -> dict:
     else:
       flat[name] = list(value) if isinstance(value, tuple) else value
   return flat
+
+
+def write_class_names(workdir: str, names: list[str]) -> None:
+  """class_names.json: the dataset's class names, label order (for
+  predict.py); written atomically, replaced only if they differ."""
+  path = os.path.join(workdir, CLASS_NAMES_FILE)
+  if read_class_names(workdir) == list(names):
+    return
+  partial = f'{path}.partial-{os.getpid()}'
+  with open(partial, 'w') as f:
+    json.dump(list(names), f, indent=0)
+  os.replace(partial, path)
+
+
+def read_class_names(workdir: str) -> list[str] | None:
+  """The names class_names.json holds, or None without a readable one."""
+  try:
+    with open(os.path.join(workdir, CLASS_NAMES_FILE)) as f:
+      names = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return names if isinstance(names, list) else None
 
 
 def config_to_dict(config) -> dict:

@@ -33,8 +33,8 @@ def run(args, env=None, timeout=600, check=True):
   return result
 
 
-# nfnets.mixing.mix_batch with num_classes, mixup_alpha and cutmix static.
-mix_batch = jax.jit(mixing.mix_batch, static_argnums=(3, 4, 5))
+# nfnets.mixing.mix_batch with seed, num_classes, mixup_alpha and cutmix static.
+mix_batch = jax.jit(mixing.mix_batch, static_argnums=(0, 3, 4, 5))
 
 
 def workdir_config(**train):

@@ -6,16 +6,18 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Arguments that make a missed check cheap. gpu: a budget too small to run
-# any case, so it would skip every case instead of compiling for minutes.
+# any case, so it would skip every case instead of compiling for minutes
+# (--allow_cpu: past the CPU refusal to the checks under test).
 # peers: a peer Python that does not exist, only reached if every check
 # passed.
 # train_step, conv_shapes, compile_time, train_loop: the smallest nets, no
 # timed repetitions. input_pipeline: a few JPEGs, measured briefly.
-_SAFE_ARGS = {'gpu': ['--budget_s=0.001', '--matmul_size=0'],
+_SAFE_ARGS = {'gpu': ['--allow_cpu', '--budget_s=0.001', '--matmul_size=0'],
               'peers': ['--peer_python=/nonexistent'],
               'train_step': ['--configs=quickstart', '--steps=1'],
               'conv_shapes': ['--config=quickstart', '--reps=1'],
@@ -49,6 +51,9 @@ def _assert_refused_in_one_line(result, message):
     ('gpu', ['--image_size=16'], 1,
      '--image_size=16: images must be at least 32 px'),
     ('gpu', ['--loops=jpeg:float16'], 1, "--loops: bad 'jpeg:float16'"),
+    ('gpu', ['--eval_dtypes=float16'], 1,
+     "--eval_dtypes: unknown 'float16'"),
+    ('gpu', ['--matmul_precision=tf32'], 1, "Unknown matmul_precision 'tf32'"),
     ('peers', ['--config=nope'], 1, "Unknown config 'nope'"),
     ('peers', ['--warmup_steps=-1'], 1,
      '--warmup_steps must be >= 0, got -1'),
@@ -86,22 +91,52 @@ def test_gpu_never_overwrites_results(tmp_path):
   assert (tmp_path / 'gpu.json').read_text() == '{}'
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu',
+                    reason='JAX runs on an accelerator here: it would run')
+def test_gpu_benchmark_refuses_the_cpu_without_allow_cpu(tmp_path):
+  """On a CPU-only JAX it refuses in one line, naming --allow_cpu, before
+  compiling anything or creating --outdir."""
+  result = _run('gpu', [f'--outdir={tmp_path / "results"}'])
+  _assert_refused_in_one_line(result, 'JAX runs on the CPU')
+  assert '--allow_cpu' in result.stderr
+  assert not (tmp_path / 'results').exists()
+
+
 def test_gpu_benchmark_runs_every_kind_of_case_on_cpu(tmp_path):
-  """The accelerator benchmark at tiny sizes: matmul, step and both loop
-  cases (fake arrays, generated JPEGs) measured, results written."""
+  """The accelerator benchmark at tiny sizes: matmul, step, both loop cases
+  (fake arrays, generated JPEGs) and the eval case measured, results
+  written, one table printed at the end (the one in gpu.md)."""
   outdir = tmp_path / 'results'
   result = _run('gpu', [
-      '--batch=8', '--image_size=32', '--steps=1', '--configs=quickstart',
-      '--dtypes=float32', '--matmul_size=64', '--loop_config=quickstart',
-      '--loop_image_size=32', '--loop_steps=3',
+      '--allow_cpu', '--batch=8', '--image_size=32', '--steps=1',
+      '--configs=quickstart', '--dtypes=float32', '--matmul_size=64',
+      '--loop_config=quickstart', '--loop_image_size=32', '--loop_steps=3',
       '--loops=fake:float32,jpeg:float32', '--jpeg_images=3',
-      '--num_workers=0', '--case_s=1', f'--outdir={outdir}'], timeout=600)
+      '--eval_dtypes=float32', '--eval_images=10', '--num_workers=0',
+      '--case_s=1', f'--outdir={outdir}'], timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  assert result.stdout.startswith(
+      f'JAX {jax.__version__}, backend {jax.default_backend()}: 1 x ')
   report = json.loads((outdir / 'gpu.json').read_text())
   assert report['skipped'] == [], report['skipped']
-  assert [c['kind'] for c in report['cases']] == [
-      'matmul', 'step', 'loop', 'loop'], report['cases']
-  assert all(c['loop_images_per_second'] > 0 for c in report['cases']
-             if c['kind'] == 'loop'), report['cases']
-  assert (outdir / 'gpu.md').read_text().strip() in result.stdout
-  assert '| case | px | images/s |' in result.stdout
+  cases = report['cases']
+  assert [c['kind'] for c in cases] == [
+      'matmul', 'step', 'loop', 'loop', 'eval'], cases
+  assert all(c['loop_images_per_second'] > 0 for c in cases
+             if c['kind'] == 'loop'), cases
+  (evaluation,) = [c for c in cases if c['kind'] == 'eval']
+  # Every generated validation image evaluated once per pass, at batch 8.
+  assert evaluation['examples'] == 10, evaluation
+  assert evaluation['images_per_second'] > 0
+  assert evaluation['jpeg_over_memory'] == pytest.approx(
+      evaluation['images_per_second']
+      / evaluation['memory_images_per_second'])
+  table = (outdir / 'gpu.md').read_text().strip()
+  assert table in result.stdout
+  # One table: one header row, one separator, a row per case.
+  assert result.stdout.count('| case | dtype | px | images/s |') == 1
+  rows = [line for line in table.splitlines() if line.startswith('| ')]
+  assert len(rows) == 1 + len(cases), table
+  assert all('not measured' not in row and 'skipped' not in row
+             for row in rows), table
+  assert '| eval quickstart jpeg | float32 | 32 |' in table

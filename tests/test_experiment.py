@@ -5,6 +5,7 @@ datasets, bfloat16, a scanned network's training step and checkpoints, and
 what a run logs (console lines, signal statistics)."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -109,6 +110,25 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r'''
       float(np.max(np.abs(a - b))) for a, b in zip(
           jax.tree.leaves(final['nf_resnet']),
           jax.tree.leaves(final['nf_mixup_cutmix'])))
+  # The compiled 8-device step with MixUp + CutMix in bfloat16: every
+  # collective's result type.
+  config = quickstart.get_config()
+  config.compute_dtype = 'bfloat16'
+  config.train.update(dict(mixup_alpha=0.2, cutmix=True, batch_size=32))
+  exp = experiment.Experiment(config)
+  state = exp.init_state()
+  batch = dict(images=np.zeros((32, 32, 32, 3), np.uint8),
+               labels=np.zeros((32,), np.int32)) | exp.mix_parameters(0, 32)
+  with jax.set_mesh(exp.mesh):
+    text = exp._train_step.lower(state, exp.shard_batch(batch)).compile(
+        ).as_text()
+  collectives = {}
+  for line in text.splitlines():
+    found = re.search(r'= (.*?) (all-gather|all-to-all|collective-permute|'
+                      r'all-reduce)(-start)?\(', line)
+    if found:
+      collectives.setdefault(found[2], []).append(found[1])
+  result['collectives'] = collectives
   try:
     config.train.batch_size = 12
     experiment.Experiment(config)
@@ -139,7 +159,8 @@ def test_eight_devices_equal_one_device():
   # across the 8 devices; float32 sums in another order differ by ~1e-5.
   assert values['nf_resnet'] < 3e-5, values
   assert values['bn_resnet'] < 3e-5, values
-  assert values['nf_mixup_cutmix'] < 3e-5, values
+  # Mixing pairs examples within each device's shard, so it differs with
+  # the device count (by design); it must still change the training.
   assert values['mixing_moves_params'] > 1e-3, values
   # The NF net's gradients are summed over 8 devices; on one there is
   # nothing to sum and only scalars (loss, metrics) pass through an
@@ -147,6 +168,19 @@ def test_eight_devices_equal_one_device():
   assert values['all_reduce_8'] > 10_000, values
   assert values['all_reduce_1'] <= 1, values
   assert 'not divisible by the 8 devices' in values['bad_batch']
+  # Mixing moves no image between devices: no gather, all-to-all or permute
+  # of anything image-sized (a device's shard: 4 x 32 x 32 x 3 values).
+  collectives = values['collectives']
+  moved = [shape for kind in ('all-gather', 'all-to-all', 'collective-permute')
+           for shape in collectives.get(kind, [])]
+  sizes = [math.prod(int(d) for d in dims.split(',') if d)
+           for shape in moved for dims in re.findall(r'\[([\d,]*)\]', shape)]
+  assert max(sizes, default=0) < 4 * 32 * 32 * 3, moved
+  # bfloat16 compute, float32 gradients: every all-reduce operand is f32
+  # (or an integer count), none bf16.
+  reduces = collectives['all-reduce']
+  assert reduces and not any('bf16' in shape for shape in reduces), reduces
+  assert any('f32' in shape for shape in reduces), reduces
 
 
 def test_loss_goes_down_on_real_digits():

@@ -1,5 +1,6 @@
 """MixUp + CutMix (nfnets.mixing): mixed pixels and targets, the Beta and
-box-area laws, determinism, dtypes and bad input. (The loss on the mixed
+box-area laws, pairs within each device's shard, determinism, dtypes and bad
+input. (The loss on the mixed
 targets: test_optim.py.)"""
 
 import functools
@@ -26,7 +27,7 @@ def _indexed_batch(batch, size=16):
 @functools.cache
 def _mixed(batch, mixup_alpha, cutmix, seed=0, size=16):
   images, labels = _indexed_batch(batch, size)
-  out, targets = _mix(jax.random.key(seed), images, labels, batch,
+  out, targets = _mix(seed, images, labels, batch,
                       mixup_alpha, cutmix)
   return np.asarray(images), np.asarray(out), np.asarray(targets)
 
@@ -39,7 +40,7 @@ def _own_and_partner_weights(targets):
 
 def test_off_returns_images_untouched_and_one_hot_targets():
   images, labels = _indexed_batch(6)
-  out, targets = mixing.mix_batch(jax.random.key(0), images, labels, 9, 0.0,
+  out, targets = mixing.mix_batch(0, images, labels, 9, 0.0,
                                   False)
   assert out is images
   np.testing.assert_array_equal(targets, np.eye(9)[np.arange(6)])
@@ -110,9 +111,8 @@ def test_mixup_ratio_follows_beta_distribution():
 
 def test_cutmix_box_area_is_uniform_and_clipped():
   num, height, width = 4096, 32, 48
-  area, top, left, bottom, right = jax.tree.map(
-      np.asarray, mixing.sample_cutmix_boxes(jax.random.key(3), num, height,
-                                             width))
+  area, top, left, bottom, right = mixing.sample_cutmix_boxes(
+      np.random.default_rng(3), num, height, width)
   assert scipy_stats.kstest(area, 'uniform').pvalue > 0.01
   assert np.all((0 <= top) & (top <= bottom) & (bottom <= height))
   assert np.all((0 <= left) & (left <= right) & (right <= width))
@@ -126,11 +126,11 @@ def test_cutmix_box_area_is_uniform_and_clipped():
   np.testing.assert_allclose(masks.mean(axis=(1, 2)), pasted)
 
 
-def test_deterministic_per_key():
+def test_deterministic_per_seed():
   images, labels = _indexed_batch(8)
-  first = _mix(jax.random.key(5), images, labels, 8, 0.2, True)
-  again = _mix(jax.random.key(5), images + 0, labels, 8, 0.2, True)
-  other = _mix(jax.random.key(6), images, labels, 8, 0.2, True)
+  first = _mix(5, images, labels, 8, 0.2, True)
+  again = _mix(5, images + 0, labels, 8, 0.2, True)
+  other = _mix(6, images, labels, 8, 0.2, True)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
   assert not np.allclose(first[1], other[1])
@@ -138,7 +138,7 @@ def test_deterministic_per_key():
 
 def test_bfloat16_images_stay_bfloat16():
   images, labels = _indexed_batch(4)
-  out, targets = _mix(jax.random.key(0), images.astype(jnp.bfloat16), labels,
+  out, targets = _mix(0, images.astype(jnp.bfloat16), labels,
                       4, 0.2, True)
   assert out.dtype == jnp.bfloat16 and targets.dtype == jnp.float32
 
@@ -156,7 +156,22 @@ def test_bfloat16_images_stay_bfloat16():
 ])
 def test_bad_inputs_raise_clear_errors(change, message):
   images, labels = _indexed_batch(4)
-  args = dict(rng=jax.random.key(0), images=images, labels=labels,
+  args = dict(seed=0, images=images, labels=labels,
               num_classes=4, mixup_alpha=0.2, cutmix=True)
   with pytest.raises(ValueError, match=message):
     mixing.mix_batch(**{**args, **change})
+
+
+def test_draw_mix_lays_out_each_shard_half_mixup_half_cutmix():
+  drawn = mixing.draw_mix(np.random.default_rng(0), 8, 4, 16, 16, 0.2, True)
+  ratio = drawn['mix_ratio'].reshape(4, 8)
+  box = drawn['mix_box'].reshape(4, 8, 4)
+  assert ratio.dtype == np.float32 and box.dtype == np.int32
+  # MixUp rows: a ratio in [0, 1] (Beta(0.2, 0.2) sits near the ends) and
+  # an empty box; CutMix rows: ratio 1.
+  assert np.all((ratio[:, :4] >= 0) & (ratio[:, :4] <= 1))
+  assert np.mean(ratio[:, :4] < 1) > 0.5
+  assert np.all(box[:, :4] == 0)
+  assert np.all(ratio[:, 4:] == 1)
+  assert np.all(box[:, 4:, 2] >= box[:, 4:, 0])
+  assert np.any(box[:, 4:, 2] > box[:, 4:, 0])

@@ -47,7 +47,7 @@ def test_mixed_targets_train_a_linear_model():
   centers = rng.normal(size=(3, 8, 8, 1)).astype(np.float32) * 2
   labels = jnp.asarray(rng.integers(0, 3, 64))
   images = jnp.asarray(centers[np.asarray(labels)])
-  images, targets = _mix(jax.random.key(1), images, labels, 3, 0.2, True)
+  images, targets = _mix(1, images, labels, 3, 0.2, True)
   params = jnp.zeros((64, 3))
 
   def loss(w):
