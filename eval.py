@@ -2,29 +2,54 @@
 
   python eval.py --config=configs/nf_resnet50.py --workdir=/tmp/nf50 \
       [--step=90000] [--split=validation]
+  python eval.py --config=configs/nf_resnet50_timm.py \
+      --weights=weights/nf_resnet50_timm.safetensors
 
-Prints the metrics and writes <workdir>/eval_<split>_<step>.json. Without
---step it evaluates the newest checkpoint that reads back, naming any newer
-damaged one; it never creates, moves or deletes checkpoints.
+Prints the metrics; with --workdir also writes
+<workdir>/eval_<split>_<step>.json. Without --step it evaluates the newest
+checkpoint that reads back, naming any newer damaged one; it never creates,
+moves or deletes checkpoints. --weights evaluates a weights file
+(nfnets/weights.py, e.g. converted timm weights) instead.
 """
 
 import json
 import os
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 import experiment
 from nfnets import checkpointing
 from nfnets import cli
 from nfnets import errors
+from nfnets import weights
 from nfnets import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder with checkpoints/.')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', None, 'A weights file (*.safetensors) instead of --workdir.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default latest.')
 _SPLIT = flags.DEFINE_string('split', None,
                              'Split; default the config\'s eval_split.')
+
+
+def _weights_state(exp, path: str) -> dict:
+  """The train-state parts eval needs, from a weights file, checked against
+  the configured model."""
+  loaded = weights.read(path)
+  weights.check_same_network(loaded, exp.config.model)
+  expected = exp.abstract_state()
+  mismatch = checkpointing.describe_mismatch(expected['params'],
+                                             loaded.params)
+  if mismatch:
+    raise errors.UserError(f'{path} does not fit the configured model: '
+                           f'{mismatch}.')
+  state = dict(params=loaded.params, bn_state=loaded.bn_state,
+               ema_params=loaded.ema_params or {})
+  print(f'Evaluating {loaded.source}.', flush=True)
+  return jax.device_put(state, exp.replicated)
 
 
 def main(argv):
@@ -32,6 +57,13 @@ def main(argv):
   config = _CONFIG.value
   split = _SPLIT.value or config.eval_split
   workdir = _WORKDIR.value
+  if (workdir is None) == (_WEIGHTS.value is None):
+    raise errors.UserError('Give exactly one of --workdir and --weights.')
+  if _WEIGHTS.value is not None:
+    exp = experiment.Experiment(config)
+    metrics = exp.evaluate_state(_weights_state(exp, _WEIGHTS.value), split)
+    print(f'{split}: ' + experiment.format_metrics(metrics))
+    return
   if not os.path.isdir(workdir):
     raise errors.UserError(f'workdir {workdir!r} does not exist.')
   exp = experiment.Experiment(config)
@@ -70,4 +102,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, required=['config', 'workdir'])
+  cli.run(main, required=['config'])

@@ -37,6 +37,7 @@ from nfnets import errors
 from nfnets import metric_writer
 from nfnets import mixing
 from nfnets import models
+from nfnets import ops
 from nfnets import optim
 from nfnets import paths
 from nfnets import preemption
@@ -147,12 +148,16 @@ DETERMINISTIC_XLA_FLAG = '--xla_gpu_deterministic_ops=true'
 
 
 def use_deterministic_kernels(config) -> None:
-  """Adds XLA's deterministic-GPU-kernels flag to XLA_FLAGS when
-  config.deterministic. XLA reads the variable when the backend starts:
-  the scripts call this before anything touches a device."""
+  """When config.deterministic: XLA's deterministic-GPU-kernels flag in
+  XLA_FLAGS and scatter-free max-pool gradients (nfnets/ops.py). Both are
+  read once, when the backend starts and at the first traced call: the
+  scripts call this before anything touches a device."""
+  if not config.deterministic:
+    return
   flags = os.environ.get('XLA_FLAGS', '')
-  if config.deterministic and DETERMINISTIC_XLA_FLAG not in flags:
+  if DETERMINISTIC_XLA_FLAG not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISTIC_XLA_FLAG}'.strip()
+  os.environ[ops.DETERMINISTIC_ENV_VAR] = '1'
 
 
 class Experiment:
@@ -481,6 +486,7 @@ class Experiment:
     logs one line saying what was loaded and what was re-initialized."""
     init_from = self.config.init_from
     loaded = weights_lib.read(init_from.path, warn=log)
+    weights_lib.check_same_network(loaded, self.config.model)
     source = loaded.params
     if init_from.use_ema:
       if loaded.ema_params is None:
@@ -492,7 +498,8 @@ class Experiment:
     for _, back in models.other_layouts(self.config.model):
       if set(source) != set(host['params']):  # stored in the other layout
         source = checkpointing.to_host(back(source))
-    params, fresh = weights_lib.transplant(host['params'], source, 'params')
+    params, fresh = weights_lib.transplant(host['params'], source, 'params',
+                                           init_from.new_classifier)
     bn_state, fresh_bn = weights_lib.transplant(
         host['bn_state'], loaded.bn_state, 'bn_state')
     state = dict(host, params=params, bn_state=bn_state,
@@ -502,8 +509,8 @@ class Experiment:
     log(f'Initialized from {loaded.source}'
         + (' (its EMA parameters)' if init_from.use_ema else '') + ': '
         f'{counting.count_params(params) / 1e6:.2f}M parameters loaded'
-        + (f', re-initialized {", ".join(kept)} (another num_classes)'
-           if kept else ', nothing re-initialized')
+        + (f', re-initialized {", ".join(kept)}' if kept else
+           ', nothing re-initialized')
         + '; optimizer and step start fresh.')
     return jax.device_put(state, self.replicated)
 

@@ -28,11 +28,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Start a new run from trained weights: a weights file (*.safetensors,
   # e.g. converted timm weights) or another run's workdir (its newest
   # checkpoint). The optimizer and step start fresh; a classifier of
-  # another num_classes is re-initialized. use_ema: start from the source's
-  # EMA parameters. Ignored when the workdir already has a checkpoint.
+  # another num_classes is re-initialized (new_classifier: always, for a new
+  # task with as many classes). use_ema: start from the source's EMA
+  # parameters. Ignored when the workdir already has a checkpoint.
   config.init_from = ml_collections.ConfigDict()
   config.init_from.path = ''
   config.init_from.use_ema = False
+  config.init_from.new_classifier = False
 
   config.model = resnet.default_config()
 
@@ -46,8 +48,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Evaluation resolution; 0 = image_size (NF-RegNets test above train size).
   config.data.eval_image_size = 0
   config.data.num_classes = 1000
-  # grain worker processes decoding JPEGs (0 = in the training process).
-  config.data.num_workers = 8
+  # grain worker processes decoding JPEGs in each training process, for
+  # training and evaluation. -1 = auto: the cores this process may use
+  # (os.sched_getaffinity) divided by the training processes on this host
+  # that share them, less one for the training loop, at least 1
+  # (nfnets.data.resolve_num_workers); 0 = decode in the training process.
+  # In-memory sources (mnist, cifar10, fake) never use workers.
+  config.data.num_workers = -1
   config.data.fake_train_size = 1024  # only for name='fake'
   config.data.fake_eval_size = 256
 

@@ -13,6 +13,12 @@ Which runs is decided when the call is traced:
     `jax.default_backend()` is 'cpu', the formula otherwise;
   * NFNETS_CONV_IMPL=plain: the formula everywhere.
 The variable is read once per process, at the first traced call.
+
+With NFNETS_DETERMINISTIC=1 (set by config.deterministic) the primitives
+in SCATTER_FREE take their CPU form on every backend: XLA differentiates
+the formula's max-pool into select-and-scatter, which has no deterministic
+GPU kernel (compilation fails under --xla_gpu_deterministic_ops); the CPU
+form routes the gradient by masks.
 """
 
 import functools
@@ -26,6 +32,8 @@ from nfnets.cpu import reductions as cpu_reductions
 
 IMPL_ENV_VAR = 'NFNETS_CONV_IMPL'
 IMPLS = ('auto', 'plain')
+DETERMINISTIC_ENV_VAR = 'NFNETS_DETERMINISTIC'
+SCATTER_FREE = ('pool_max',)
 
 CPU_FORMS: dict[str, Callable] = {
     'conv2d': cpu_conv.conv2d,
@@ -47,6 +55,12 @@ def configured_impl() -> str:
   return value
 
 
+@functools.cache
+def deterministic_requested() -> bool:
+  """NFNETS_DETERMINISTIC=1, read once per process."""
+  return os.environ.get(DETERMINISTIC_ENV_VAR, '') == '1'
+
+
 def cpu_forms_active() -> bool:
   """Whether a call traced now takes the CPU forms."""
   return configured_impl() == 'auto' and jax.default_backend() == 'cpu'
@@ -60,10 +74,13 @@ def replaceable(formula: Callable) -> Callable:
     raise ValueError(f'No CPU form for {formula.__name__!r}; known: '
                      f'{sorted(CPU_FORMS)}.')
   cpu_form = CPU_FORMS[formula.__name__]
+  scatter_free = formula.__name__ in SCATTER_FREE
 
   @functools.wraps(formula)
   def call(*args, **kwargs):
-    return (cpu_form if cpu_forms_active() else formula)(*args, **kwargs)
+    use_cpu_form = cpu_forms_active() or (scatter_free
+                                          and deterministic_requested())
+    return (cpu_form if use_cpu_form else formula)(*args, **kwargs)
 
   call.formula, call.cpu_form = formula, cpu_form
   return call

@@ -44,7 +44,7 @@ class Weights:
 
 
 def _flatten(prefix: str, tree: dict) -> dict[str, np.ndarray]:
-  return {f'{prefix}/{module}/{name}': np.ascontiguousarray(np.asarray(value))
+  return {f'{prefix}/{module}/{name}': np.asarray(value, order='C')
           for module, entries in tree.items()
           for name, value in entries.items()}
 
@@ -188,6 +188,34 @@ def model_config(weights: Weights) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(weights.config_dict['model'])
 
 
+# Model fields a run may set differently from the weights it reads: the
+# head's size, regularization, values used only at initialization or in
+# training, and how blocks are stored. Every other field changes what the
+# network computes (most without changing any parameter's shape).
+FREE_MODEL_FIELDS = ('num_classes', 'dropout_rate', 'stochastic_depth_rate',
+                     'stochastic_depth_scale_by_keep', 'skip_gain_init',
+                     'bn_decay', 'block_loop', 'bn_axis_name')
+
+
+def check_same_network(weights: Weights, model_config) -> None:
+  """UserError naming the model fields (outside FREE_MODEL_FIELDS) whose
+  values differ from those the weights were made with. Fields the weights'
+  config does not record are not compared."""
+  stored = weights.config_dict.get('model', {})
+  current = json.loads(model_config.to_json_best_effort())
+  changed = [f'model.{name} {stored[name]!r} (this config: '
+             f'{current.get(name)!r})'
+             for name in sorted(stored)
+             if name not in FREE_MODEL_FIELDS and name in current
+             and stored[name] != current[name]]
+  if changed:
+    raise errors.UserError(
+        f'{weights.source} was made with ' + ', '.join(changed[:4])
+        + (' ...' if len(changed) > 4 else '') + '. Use the config it was '
+        'made with (converted timm weights: configs/nf_resnet50_timm.py and '
+        'its 26 / 101 variants) or set those fields to match.')
+
+
 CLASSIFIER = 'classifier'  # the Haiku module name of every model's head
 
 
@@ -196,11 +224,11 @@ def _flat(tree: dict) -> dict[str, object]:
           for name, value in entries.items()}
 
 
-def transplant(fresh: dict, loaded: dict,
-               what: str) -> tuple[dict, list[str]]:
+def transplant(fresh: dict, loaded: dict, what: str,
+               new_classifier: bool = False) -> tuple[dict, list[str]]:
   """`fresh` (a new model's Haiku tree) with every array taken from `loaded`
   where the names and shapes agree; the classifier is kept fresh when its
-  shape differs (another num_classes).
+  shape differs (another num_classes), or always with new_classifier.
 
   Returns (tree, names of the modules kept fresh). Raises
   UserError naming the first array missing from `loaded` or shaped
@@ -231,6 +259,9 @@ def transplant(fresh: dict, loaded: dict,
                            + '; '.join(problems[:3]) + '. Check model.variant, '
                            'model.width and the other model fields.')
   reinitialized = {name.split(' ')[0].rsplit('/', 1)[0] for name in notes}
+  if new_classifier:
+    reinitialized |= {module for module in fresh
+                      if module.split('/')[-1] == CLASSIFIER}
   reinitialized |= {name.rsplit('/', 1)[0] for name in fresh_flat
                     if name not in loaded_flat}
   tree = {module: {

@@ -205,3 +205,34 @@ def test_plain_impl_and_other_backends_keep_the_direct_forms(monkeypatch):
     ops.configured_impl.cache_clear()
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert not ops.cpu_forms_active()
+
+
+def test_deterministic_max_pool_gradient_has_no_select_and_scatter(
+    monkeypatch):
+  # On GPU with deterministic kernels, XLA cannot compile select-and-scatter
+  # (the formula's max-pool gradient): config.deterministic switches the
+  # max-pool to its scatter-free form on every backend.
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+
+  def grad(x):  # a new function each time: no trace is reused
+    return jax.grad(lambda x: jnp.sum(layers.max_pool(x) ** 2))(x)
+
+  monkeypatch.setenv(ops.IMPL_ENV_VAR, 'plain')
+  ops.configured_impl.cache_clear()
+  ops.deterministic_requested.cache_clear()
+  try:
+    plain = str(jax.make_jaxpr(lambda x: grad(x))(x))
+    monkeypatch.setenv(ops.DETERMINISTIC_ENV_VAR, '1')
+    ops.deterministic_requested.cache_clear()
+    deterministic = str(jax.make_jaxpr(lambda x: grad(x))(x))
+    np.testing.assert_allclose(grad(x), _hk_grad(x), rtol=1e-6)
+  finally:
+    monkeypatch.undo()
+    ops.configured_impl.cache_clear()
+    ops.deterministic_requested.cache_clear()
+  assert 'select_and_scatter' in plain
+  assert 'select_and_scatter' not in deterministic
+
+
+def _hk_grad(x):
+  return jax.grad(lambda x: jnp.sum(_hk_max_pool(3, 2, 'SAME')(x) ** 2))(x)

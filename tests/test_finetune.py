@@ -140,7 +140,8 @@ def test_init_from_a_different_network_names_the_mismatch(tmp_path_factory):
   config.model.width = 0.25  # the source run is width 0.125
   config.init_from.path = source_workdir
   exp = experiment.Experiment(config)
-  with pytest.raises(errors.UserError, match=r'do not fit.*is \[.*there'):
+  with pytest.raises(errors.UserError,
+                     match=r"made with model.width 0.125 \(this config: 0.25\)"):
     exp.initialize_from(exp.init_state(), print)
   config.init_from.update(dict(path=source_workdir + '-missing'))
   with pytest.raises(errors.UserError, match='does not exist'):
