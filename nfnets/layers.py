@@ -28,32 +28,62 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
   return pair
 
 
+Padding = str | Sequence[tuple[int, int]]
+PADDINGS = ('same', 'symmetric')
+
+
+def window_padding(mode: str, window: int | Sequence[int],
+                   stride: int | Sequence[int]) -> Padding:
+  """The `padding` argument of a conv or max-pool with this window and
+  stride: 'same' -> 'SAME' (TensorFlow's, the authors' code: at stride 2 the
+  extra pixel goes after the input), 'symmetric' -> ((p_h, p_h), (p_w, p_w))
+  with p = (stride - 1 + window - 1) // 2 on both sides (PyTorch's, as timm
+  pads: 3 for 7x7/2, 1 for 3x3, 0 for 1x1)."""
+  if mode == 'same':
+    return 'SAME'
+  if mode == 'symmetric':
+    return tuple((p, p) for p in (
+        (s - 1 + k - 1) // 2 for k, s in zip(_pair(window, 'window'),
+                                             _pair(stride, 'stride'))))
+  raise ValueError(f'Unknown padding {mode!r}; allowed: {PADDINGS}.')
+
+
 @ops.replaceable
 def conv2d(x: jax.Array, weight: jax.Array, stride: tuple[int, int],
-           padding: str, feature_group_count: int) -> jax.Array:
+           padding: Padding, feature_group_count: int) -> jax.Array:
   """x [N, H, W, C_in] convolved with weight [kh, kw, C_in / groups, C_out]
-  (same dtype) -> [N, H', W', C_out]; padding 'SAME' or 'VALID'."""
+  (same dtype) -> [N, H', W', C_out]; padding 'SAME', 'VALID' or explicit
+  ((lo, hi), (lo, hi)) pixels (zeros)."""
   return jax.lax.conv_general_dilated(
       x, weight, window_strides=stride, padding=padding,
       dimension_numbers=DIMENSION_NUMBERS,
       feature_group_count=feature_group_count)
 
 
+# How Scaled WS divides by the kernel's spread: the authors' floor on
+# fan_in * Var(W) (the default), or timm's epsilon added to Var(W).
+WS_FORMS = ('authors', 'timm')
+
+
 @ops.replaceable
-def standardize_weight(weight: jax.Array, gain: jax.Array,
-                       eps: float) -> jax.Array:
+def standardize_weight(weight: jax.Array, gain: jax.Array, eps: float,
+                       form: str = 'authors') -> jax.Array:
   """Scaled Weight Standardization of an HWIO kernel.
 
-  W_hat = gain * (W - mean) / sqrt(max(fan_in * var, eps)), with mean and var
-  over each output channel's fan-in (axes H, W, I), so every output channel
-  has mean 0 and fan_in * Var(W_hat) = gain^2.
+  'authors': W_hat = gain * (W - mean) / sqrt(max(fan_in * var, eps))
+  'timm':    W_hat = gain * (W - mean) / sqrt(fan_in * (var + eps))
+  with mean and var (biased) over each output channel's fan-in (axes H, W,
+  I), so every output channel has mean 0 and fan_in * Var(W_hat) = gain^2
+  (up to eps).
 
   Args:
     weight: [kh, kw, in_channels // groups, out_channels] float32.
     gain: [out_channels] float32.
-    eps: floor on fan_in * var (the reference code's semantics: a floor, not
-      an additive epsilon). It only matters for kernels that are (nearly)
-      constant over their fan-in, which it keeps finite.
+    eps: 'authors': a floor on fan_in * var (the reference code's
+      semantics), which only matters for kernels that are (nearly) constant
+      over their fan-in; 'timm': added to var (timm's ScaledStdConv2d,
+      F.batch_norm's eps), which also shrinks small-variance kernels.
+    form: one of WS_FORMS.
 
   Returns:
     The standardized kernel, float32, same shape as weight.
@@ -61,7 +91,12 @@ def standardize_weight(weight: jax.Array, gain: jax.Array,
   fan_in = weight.shape[0] * weight.shape[1] * weight.shape[2]
   mean = jnp.mean(weight, axis=(0, 1, 2), keepdims=True)
   var = jnp.var(weight, axis=(0, 1, 2), keepdims=True)
-  scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  if form == 'authors':
+    scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, eps)) * gain
+  elif form == 'timm':
+    scale = jax.lax.rsqrt((var + eps) * fan_in) * gain
+  else:
+    raise ValueError(f'Unknown ws_form {form!r}; allowed: {WS_FORMS}.')
   return (weight - mean) * scale
 
 
@@ -94,25 +129,49 @@ def pool_max(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
 
 
 def max_pool(x: jax.Array, window: int | Sequence[int] = 3,
-             stride: int | Sequence[int] = 2, padding: str = 'SAME'
+             stride: int | Sequence[int] = 2, padding: Padding = 'SAME'
              ) -> jax.Array:
   """Max pooling over H and W of x [N, H, W, C] -> [N, H', W', C].
 
-  Pads with -inf ('SAME' or 'VALID'); x must be floating point.
+  Pads with -inf: 'SAME', 'VALID', or explicit ((lo, hi), (lo, hi)) pixels
+  (e.g. window_padding('symmetric', 3, 2), PyTorch's MaxPool2d(3, 2, 1));
+  x must be floating point.
   """
   window = _pair(window, 'max_pool window')
   strides = _pair(stride, 'max_pool stride')
-  if padding not in ('SAME', 'VALID'):
-    raise ValueError(f"max_pool padding must be 'SAME' or 'VALID', got "
-                     f'{padding!r}.')
+  explicit = not isinstance(padding, str)
+  if explicit:
+    pads = tuple(tuple(pair) for pair in padding)
+    if len(pads) != 2 or any(len(pair) != 2 or min(pair) < 0
+                             for pair in pads):
+      raise ValueError(f"max_pool padding must be 'SAME' or 'VALID' or "
+                       f'((lo, hi), (lo, hi)) pixels >= 0, got {padding!r}.')
+  elif padding not in ('SAME', 'VALID'):
+    raise ValueError(f"max_pool padding must be 'SAME' or 'VALID' or "
+                     f'((lo, hi), (lo, hi)) pixels, got {padding!r}.')
   if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f'max_pool expects floating-point x [N, H, W, C], got '
                      f'{x.dtype} {tuple(x.shape)}.')
+  if explicit:
+    # Padded here and pooled VALID: both forms of pool_max take it as is.
+    x = jax.lax.pad(x, jnp.asarray(-jnp.inf, x.dtype),
+                    [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    padding = 'VALID'
   if padding == 'VALID' and (x.shape[1] < window[0]
                              or x.shape[2] < window[1]):
     raise ValueError(f'max_pool window {window} is larger than the '
                      f'{x.shape[1]}x{x.shape[2]} input with VALID padding.')
   return pool_max(x, window, strides, padding)
+
+
+def avg_pool_downsample(x: jax.Array, stride: int) -> jax.Array:
+  """x [N, H, W, C] averaged over stride x stride windows at that stride
+  (a ResNet-D / NF-RegNet shortcut): SAME padding, each window averaged over
+  its pixels inside the image, so at stride 2 an odd side's last window
+  holds one row or column: PyTorch's AvgPool2d(2, 2, ceil_mode=True,
+  count_include_pad=False)."""
+  return hk.avg_pool(x, window_shape=(1, stride, stride, 1),
+                     strides=(1, stride, stride, 1), padding='SAME')
 
 
 BETA_PLACEMENTS = ('before_activation', 'after_activation')
@@ -142,15 +201,20 @@ class WSConv2D(hk.Module):
   Parameters (always float32, whatever the input dtype): `w` [kh, kw,
   C_in / groups, C_out] with He-normal init (its scale cancels in the
   standardization), `gain` [C_out] init 1, `bias` [C_out] init 0. The
-  convolution runs in the input's dtype.
+  convolution runs in the input's dtype. The kernel it applies is
+  standardize_weight(w, gain * gamma, eps, form): gamma, a constant, is 1
+  except where an activation's gamma is folded into the conv (timm's
+  NF-ResNets, ws_form 'timm').
   """
 
   def __init__(self, output_channels: int,
                kernel_shape: int | Sequence[int] = 3,
                stride: int | Sequence[int] = 1,
-               padding: str = 'SAME',
+               padding: Padding = 'SAME',
                feature_group_count: int = 1,
                eps: float = 1e-4,
+               form: str = 'authors',
+               gamma: float = 1.0,
                name: str | None = None):
     super().__init__(name=name)
     self.output_channels = output_channels
@@ -159,6 +223,8 @@ class WSConv2D(hk.Module):
     self.padding = padding
     self.feature_group_count = feature_group_count
     self.eps = eps
+    self.form = form
+    self.gamma = gamma
 
   def standardized_weight(self, in_channels: int) -> jax.Array:
     if in_channels % self.feature_group_count:
@@ -171,7 +237,9 @@ class WSConv2D(hk.Module):
     weight = hk.get_parameter('w', shape, jnp.float32, init=w_init)
     gain = hk.get_parameter('gain', (self.output_channels,), jnp.float32,
                             init=jnp.ones)
-    return standardize_weight(weight, gain, self.eps)
+    if self.gamma != 1.0:
+      gain = gain * self.gamma
+    return standardize_weight(weight, gain, self.eps, self.form)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, H, W, C_in] -> [N, H', W', C_out], in x.dtype."""
@@ -194,7 +262,7 @@ class Conv2D(hk.Module):
   def __init__(self, output_channels: int,
                kernel_shape: int | Sequence[int] = 3,
                stride: int | Sequence[int] = 1,
-               padding: str = 'SAME',
+               padding: Padding = 'SAME',
                feature_group_count: int = 1,
                init_scale: float = 1.0,
                with_bias: bool = False,
@@ -331,11 +399,28 @@ def check_image_size(total_stride: int, height: int,
           f'{total_stride}, so images must be at least {total_stride} px.')
 
 
+def global_average_pool(x: jax.Array) -> jax.Array:
+  """[N, H, W, C] -> float32 [N, C]: the mean over H and W."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
 def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float,
                     is_training: bool, w_init) -> jax.Array:
   """Global average pool (float32), dropout when training, linear layer
   'classifier'. x: [N, H, W, C] -> logits float32 [N, num_classes]."""
-  features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+  features = global_average_pool(x)
   if is_training and dropout_rate > 0:
     features = hk.dropout(hk.next_rng_key(), dropout_rate, features)
   return hk.Linear(num_classes, w_init=w_init, name='classifier')(features)
+
+
+def network_outputs(final: jax.Array, logits, stats, features):
+  """What a model's __call__ returns: logits, stats, features, leaving out
+  each that is None; one alone is returned as is, several as a tuple in
+  that order. features (a dict) gains 'final', the map the classifier pools
+  (before its dropout), and 'pooled', its global average (float32 [N, C])."""
+  if features is not None:
+    features['final'] = final
+    features['pooled'] = global_average_pool(final)
+  outputs = [out for out in (logits, stats, features) if out is not None]
+  return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -3,8 +3,14 @@
 Each family module (nfnets.resnet, nfnets.regnet) provides, for its model names:
   build(config) -> hk.TransformedWithState
       init(rng, images, is_training) -> (params, state)
-      apply(params, state, rng, images, is_training, return_stats=False)
-        -> (logits or (logits, stats), new_state)
+      apply(params, state, rng, images, is_training, return_stats=False,
+            return_features=False)
+        -> (logits, new_state); with a flag set, the first element is the
+           tuple (logits, stats, features) less what was not asked for
+  build_backbone(config) -> hk.TransformedWithState without the classifier
+      apply(params, state, rng, images, is_training) -> (features, new_state)
+      features: {'stem', 'stage1'..'stage4', 'final', 'pooled'}, shapes and
+      meaning in docs/backbone.md
   validate_config(config)            raises ValueError naming the value
   total_stride(config) -> int        how much the network downsamples
   block_plan(config) -> list of BlockSpec-like records (index, stage,
@@ -49,6 +55,12 @@ def check_image_size(config, height: int, width: int | None = None) -> None:
 
 def build(config):
   return family(config).build(config)
+
+
+def build_backbone(config):
+  """config's network without its classifier, returning the feature dict
+  (docs/backbone.md); it takes the parameters of build(config) as they are."""
+  return family(config).build_backbone(config)
 
 
 def block_plan(config) -> list:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from nfnets import activations
+from nfnets import errors
 from nfnets import layers
 from nfnets import signal_stats
 
@@ -268,7 +269,11 @@ class NFRegNet(hk.Module):
   runs in it) and is_training; returns logits [N, num_classes] float32, plus
   with return_stats=True the dict of nfnets.signal_stats ('squared_mean' and
   'variance' [num_blocks + 1], stem output first; 'residual_variance'
-  [num_blocks]), over the local batch.
+  [num_blocks]), over the local batch, plus with return_features=True the
+  feature dict of docs/backbone.md ('stem', 'stage1'..'stage4', 'final',
+  'pooled'): (logits, stats, features) with both, leaving out what was not
+  asked for, a lone logits unwrapped. with_classifier=False creates no
+  'classifier' parameters and leaves logits out.
   """
 
   def __init__(self, config, name: str | None = None):
@@ -317,7 +322,11 @@ class NFRegNet(hk.Module):
     return shortcut + out * jnp.asarray(config.alpha, out.dtype), branch
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_stats: bool = False):
+               return_stats: bool = False, return_features: bool = False,
+               with_classifier: bool = True):
+    if not (with_classifier or return_stats or return_features):
+      raise errors.UserError('with_classifier=False leaves nothing to return: '
+                             'set return_features or return_stats.')
     layers.check_image_size(total_stride(self.config), images.shape[1],
                             images.shape[2])
     config = self.config
@@ -326,31 +335,53 @@ class NFRegNet(hk.Module):
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)
+    features = {'stem': x}
     for spec in self.plan:
       x, branch = self._block(x, spec, is_training)
       if return_stats:
         recorder.record_block(x, branch)
+      if spec.is_stage_end:
+        features[f'stage{spec.stage + 1}'] = x
     x = self.activation(self._conv(head_channels(config), 1,
                                    name='head_conv')(x))
-    logits = layers.classifier_head(x, config.num_classes,
-                                    dropout_rate(config), is_training,
-                                    jnp.zeros)
-    if not return_stats:
-      return logits
-    return logits, recorder.stats()
+    logits = layers.classifier_head(
+        x, config.num_classes, dropout_rate(config), is_training,
+        jnp.zeros) if with_classifier else None
+    return layers.network_outputs(
+        x, logits, recorder.stats() if return_stats else None,
+        features if return_features else None)
 
 
 def build(config) -> hk.TransformedWithState:
   """Validates config and returns the transformed model.
 
   init(rng, images, is_training) -> (params, state);
-  apply(params, state, rng, images, is_training, return_stats=False)
-    -> (logits or (logits, stats), new_state).
+  apply(params, state, rng, images, is_training, return_stats=False,
+        return_features=False)
+    -> (logits, new_state), or ((logits, stats), ...), ((logits, features),
+       ...), ((logits, stats, features), ...); features: docs/backbone.md.
   """
   validate_config(config)
 
-  def forward(images, is_training, return_stats=False):
+  def forward(images, is_training, return_stats=False, return_features=False):
     return NFRegNet(config, name='nf_regnet')(images, is_training,
-                                              return_stats)
+                                              return_stats, return_features)
+
+  return hk.transform_with_state(forward)
+
+
+def build_backbone(config) -> hk.TransformedWithState:
+  """The network of build(config) without its classifier (same parameter
+  names, less 'nf_regnet/classifier'; config.num_classes is unused).
+
+  apply(params, state, rng, images, is_training) -> (features, new_state),
+  features as docs/backbone.md; params of build(config) work as they are.
+  """
+  validate_config(config)
+
+  def forward(images, is_training):
+    return NFRegNet(config, name='nf_regnet')(images, is_training,
+                                              return_features=True,
+                                              with_classifier=False)
 
   return hk.transform_with_state(forward)

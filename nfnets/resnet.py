@@ -21,6 +21,12 @@ The stem (7x7/2 conv and 3x3/2 max-pool; smaller ones for 32 px images,
 pool, dropout, linear) are shared with the baselines in nfnets.baselines
 (config.name 'bn_resnet', 'skipinit_resnet', 'fixup_resnet'), which
 `build` builds too.
+
+Three options build timm's nf_resnet26/50/101 exactly (their weights import
+with nfnets.timm_weights; defaults are the authors' network): ws_form='timm'
+(eps added to Var(W), gamma folded into every Scaled-WS kernel),
+padding='symmetric' (PyTorch's padding, max-pool included) and
+strided_shortcut='avg_pool_conv' (ResNet-D shortcut).
 """
 
 import dataclasses
@@ -33,6 +39,7 @@ import ml_collections
 
 from nfnets import activations
 from nfnets import baselines
+from nfnets import errors
 from nfnets import layers
 from nfnets import signal_stats
 from nfnets import stacking
@@ -54,6 +61,7 @@ STEM_CHANNELS = 64
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 STAGE_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_RATIO = 0.25
+STRIDED_SHORTCUTS = ('conv', 'avg_pool_conv')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
       activation='relu',         # a name in activations.ACTIVATIONS
       # Multiplier on the activation. None: gamma(activation) with Scaled WS,
       # 1 with plain convs (whose init scale, see conv_init, plays gamma's role).
+      # With ws_form='timm' it multiplies every Scaled-WS kernel instead.
       activation_gamma=None,
       alpha=0.2,                 # nf_resnet: residual-branch scale
       # nf_resnet: the branch input, act(x / beta) ('before_activation',
@@ -89,7 +98,20 @@ def default_config() -> ml_collections.ConfigDict:
       beta_placement='before_activation',
       skip_gain_init=0.0,        # nf/skipinit: 0 to train, 1 for SPPs
       use_scaled_ws=True,        # nf_resnet: False = plain He-init convs
-      ws_eps=1e-4,               # floor on fan_in * Var(W)
+      # nf_resnet's Scaled WS, one of layers.WS_FORMS: 'authors' divides by
+      # sqrt(max(fan_in * Var(W), ws_eps)) and scales each activation by
+      # gamma; 'timm' (timm's nf_resnet*) divides by sqrt(fan_in * (Var(W) +
+      # ws_eps)) and multiplies every Scaled-WS kernel, the stem's included,
+      # by gamma, its activations unscaled.
+      ws_form='authors',
+      ws_eps=1e-4,               # see ws_form; timm: 1e-5
+      # nf_resnet: conv and max-pool padding, one of layers.PADDINGS: 'same'
+      # (TensorFlow's, the authors' code) or 'symmetric' (PyTorch's, timm).
+      padding='same',
+      # nf_resnet: the shortcut of a strided transition block: 'conv' a
+      # strided 1x1 conv (the authors'), 'avg_pool_conv' a 2x2 average pool
+      # then a 1x1 conv (ResNet-D, timm).
+      strided_shortcut='conv',
       use_se=False,              # squeeze-excite in every block
       se_ratio=0.5,              # SE hidden channels / block output channels
       stochastic_depth_rate=0.0, # rate of the last block; grows linearly
@@ -177,6 +199,18 @@ def validate_config(config) -> None:
   if config.stem not in STEMS:
     raise ValueError(f'Unknown stem {config.stem!r}; allowed: '
                      f'{tuple(STEMS)}.')
+  for field, allowed, default in (
+      ('ws_form', layers.WS_FORMS, 'authors'),
+      ('padding', layers.PADDINGS, 'same'),
+      ('strided_shortcut', STRIDED_SHORTCUTS, 'conv')):
+    if config[field] not in allowed:
+      raise ValueError(f'Unknown {field} {config[field]!r}; allowed: '
+                       f'{allowed}.')
+    if config[field] != default and config.name != 'nf_resnet':
+      raise ValueError(f'{field}={config[field]!r} is an nf_resnet option; '
+                       f'{config.name} has only {field}={default!r}.')
+  if config.ws_form != 'authors' and not config.use_scaled_ws:
+    raise ValueError(f'ws_form={config.ws_form!r} needs use_scaled_ws=True.')
 
 
 def uses_scan(config) -> bool:
@@ -268,7 +302,11 @@ class NFBottleneck(hk.Module):
     conv, act = self.parts.conv, self.parts.activation
     h = layers.nf_branch_input(x, expected_std, act, config.beta_placement)
     shortcut = x
-    if spec.is_transition:
+    if spec.is_transition and spec.stride > 1 and (
+        config.strided_shortcut == 'avg_pool_conv'):  # ResNet-D
+      shortcut = conv(spec.out_channels, 1, name='shortcut')(
+          layers.avg_pool_downsample(h, spec.stride))
+    elif spec.is_transition:
       shortcut = conv(spec.out_channels, 1, spec.stride, name='shortcut')(h)
     branch = conv(spec.bottleneck_channels, 1, name='conv0')(h)
     branch = conv(spec.bottleneck_channels, 3, spec.stride,
@@ -300,17 +338,25 @@ class NFParts:
     gain = config.activation_gamma
     if gain is None and not config.use_scaled_ws:
       gain = 1.0  # plain convs: their init scale plays gamma's role
+    self.conv_gamma = 1.0
+    if config.ws_form == 'timm':  # gamma moves into every Scaled-WS kernel
+      self.conv_gamma = (activations.gamma(config.activation) if gain is None
+                         else gain)
+      gain = 1.0
     self.activation = activations.get_activation(config.activation, gain)
     self.plain_conv_scale = baselines.block_conv_init_scale(config)
     self.classifier_init = hk.initializers.RandomNormal(0.01)
 
   def conv(self, channels, kernel, stride=1, *, name, in_block=True):
+    padding = layers.window_padding(self.config.padding, kernel, stride)
     if self.config.use_scaled_ws:
-      return layers.WSConv2D(channels, kernel, stride,
-                             eps=self.config.ws_eps, name=name)
+      return layers.WSConv2D(channels, kernel, stride, padding,
+                             eps=self.config.ws_eps,
+                             form=self.config.ws_form, gamma=self.conv_gamma,
+                             name=name)
     # He init for the stem, which sees the image.
     return layers.Conv2D(
-        channels, kernel, stride, with_bias=True, name=name,
+        channels, kernel, stride, padding, with_bias=True, name=name,
         init_scale=self.plain_conv_scale if in_block else 1.0)
 
   def block(self, spec: BlockSpec, name: str) -> NFBottleneck:
@@ -336,7 +382,11 @@ class ResNet(hk.Module):
   is_training; returns logits [N, num_classes] in float32, plus with
   return_stats=True the dict of nfnets.signal_stats ('squared_mean' and
   'variance' [num_blocks + 1], stem output first; 'residual_variance'
-  [num_blocks]), over the local batch.
+  [num_blocks]), over the local batch, plus with return_features=True the
+  feature dict of docs/backbone.md ('stem', 'stage1'..'stage4', 'final',
+  'pooled'): (logits, stats, features) with both, leaving out what was not
+  asked for, a lone logits unwrapped. with_classifier=False creates no
+  'classifier' parameters and leaves logits out.
   """
 
   def __init__(self, config, name: str | None = None):
@@ -347,7 +397,11 @@ class ResNet(hk.Module):
     self.parts = _parts(config, len(self.plan))
 
   def __call__(self, images: jax.Array, is_training: bool,
-               return_stats: bool = False):
+               return_stats: bool = False, return_features: bool = False,
+               with_classifier: bool = True):
+    if not (with_classifier or return_stats or return_features):
+      raise errors.UserError('with_classifier=False leaves nothing to return: '
+                             'set return_features or return_stats.')
     layers.check_image_size(total_stride(self.config), images.shape[1],
                             images.shape[2])
     config = self.config
@@ -356,32 +410,58 @@ class ResNet(hk.Module):
                         stem.kernel, stem.stride, name='stem_conv',
                         in_block=False)(images)
     if stem.max_pool:
-      x = layers.max_pool(x, window=3, stride=2, padding='SAME')
+      x = layers.max_pool(x, 3, 2, layers.window_padding(config.padding, 3, 2))
     recorder = signal_stats.SignalRecorder()
     if return_stats:
       recorder.record_stem(x)
+    features = {'stem': x}
+    stage_outputs = [] if return_features else None
     x = stacking.run_blocks(self.parts.block, self.plan, x, is_training,
                             scanned=uses_scan(config),
-                            recorder=recorder if return_stats else None)
+                            recorder=recorder if return_stats else None,
+                            stage_outputs=stage_outputs)
     x = self.parts.head_preactivation(x, is_training)
-    logits = layers.classifier_head(x, config.num_classes,
-                                    config.dropout_rate, is_training,
-                                    self.parts.classifier_init)
-    if not return_stats:
-      return logits
-    return logits, recorder.stats()
+    logits = layers.classifier_head(
+        x, config.num_classes, config.dropout_rate, is_training,
+        self.parts.classifier_init) if with_classifier else None
+    if return_features:
+      for stage, output in enumerate(stage_outputs):
+        features[f'stage{stage + 1}'] = output
+    return layers.network_outputs(
+        x, logits, recorder.stats() if return_stats else None,
+        features if return_features else None)
 
 
 def build(config) -> hk.TransformedWithState:
   """Validates config and returns the transformed model.
 
   init(rng, images, is_training) -> (params, state);
-  apply(params, state, rng, images, is_training, return_stats=False)
-    -> (logits or (logits, stats), new_state).
+  apply(params, state, rng, images, is_training, return_stats=False,
+        return_features=False)
+    -> (logits, new_state), or ((logits, stats), ...), ((logits, features),
+       ...), ((logits, stats, features), ...); features: docs/backbone.md.
   """
   validate_config(config)
 
-  def forward(images, is_training, return_stats=False):
-    return ResNet(config, name='resnet')(images, is_training, return_stats)
+  def forward(images, is_training, return_stats=False, return_features=False):
+    return ResNet(config, name='resnet')(images, is_training, return_stats,
+                                         return_features)
+
+  return hk.transform_with_state(forward)
+
+
+def build_backbone(config) -> hk.TransformedWithState:
+  """The network of build(config) without its classifier (same parameter
+  names, less 'resnet/classifier'; config.num_classes is unused).
+
+  apply(params, state, rng, images, is_training) -> (features, new_state),
+  features as docs/backbone.md; params of build(config) work as they are.
+  """
+  validate_config(config)
+
+  def forward(images, is_training):
+    return ResNet(config, name='resnet')(images, is_training,
+                                         return_features=True,
+                                         with_classifier=False)
 
   return hk.transform_with_state(forward)

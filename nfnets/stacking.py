@@ -296,14 +296,17 @@ def other_layouts(plan, scanned: bool) -> list:
 
 
 def run_blocks(make_block: Callable, plan, x, is_training: bool,
-               scanned: bool, recorder=None):
+               scanned: bool, recorder=None, stage_outputs=None):
   """x through every block of plan in order: x = block_i(x, expected_std_i,
   drop_rate_i, is_training), block_i = make_block(spec_i, name='block<i>').
 
   Blocks return (output, residual-branch output). With scanned=True each
   run of identical blocks (`scan_groups`) is one scan, its parameters
   stored under `stacked_name`. recorder: a signal_stats.SignalRecorder that
-  gets every block's statistics, or None. Call inside a Haiku module's
+  gets every block's statistics, or None. stage_outputs: a list that gets
+  the output of every block with is_stage_end, in order, or None (a scan
+  group lies within one stage, so a stage ends only at a group's last
+  block, whose output the scan returns). Call inside a Haiku module's
   __call__. Returns the last block's output.
   """
   starts = dict(scan_groups(plan)) if scanned else {}
@@ -316,13 +319,15 @@ def run_blocks(make_block: Callable, plan, x, is_training: bool,
       if recorder is not None:
         recorder.record_blocks(*stats)
       index += count
-      continue
-    spec = plan[index]
-    x, branch = make_block(spec, name=f'block{index}')(
-        x, spec.expected_std, spec.drop_rate, is_training)
-    if recorder is not None:
-      recorder.record_block(x, branch)
-    index += 1
+    else:
+      spec = plan[index]
+      x, branch = make_block(spec, name=f'block{index}')(
+          x, spec.expected_std, spec.drop_rate, is_training)
+      if recorder is not None:
+        recorder.record_block(x, branch)
+      index += 1
+    if stage_outputs is not None and plan[index - 1].is_stage_end:
+      stage_outputs.append(x)
   return x
 
 

@@ -50,32 +50,46 @@ def _column_sums(matrix: jax.Array) -> jax.Array:
   return sums.astype(matrix.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _standardize_columns(weight, gain, eps):
-  return _standardize_columns_fwd(weight, gain, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _standardize_columns(weight, gain, eps, form):
+  return _standardize_columns_fwd(weight, gain, eps, form)[0]
 
 
-def _standardize_columns_fwd(weight, gain, eps):
+def _spread(sum_of_squares, eps, fan_in, form):
+  """(the value whose rsqrt scales the kernel, its derivative in
+  sum_of_squares): max(u, eps) for the authors' form ('authors'),
+  u + fan_in * eps for timm's (nfnets.layers.standardize_weight)."""
+  if form == 'authors':
+    # d max(u, eps)/du as jnp.maximum's gradient: 1 above, 1/2 at a tie.
+    above = jnp.where(sum_of_squares > eps, 1.0,
+                      jnp.where(sum_of_squares == eps, 0.5, 0.0))
+    return (jnp.maximum(sum_of_squares, eps),
+            above.astype(sum_of_squares.dtype))
+  if form == 'timm':
+    return sum_of_squares + fan_in * eps, jnp.ones_like(sum_of_squares)
+  raise ValueError(f"Unknown ws_form {form!r}; allowed: ('authors', 'timm').")
+
+
+def _standardize_columns_fwd(weight, gain, eps, form):
   """weight [fan_in, C_out], gain [1, C_out]: the same two-pass mean and
   variance as jnp.mean / jnp.var, each sum a matmul."""
   centered = weight - _column_sums(weight) / weight.shape[0]
   sum_of_squares = _column_sums(centered * centered)  # fan_in * var
-  inv_std = jax.lax.rsqrt(jnp.maximum(sum_of_squares, eps))
+  spread, _ = _spread(sum_of_squares, eps, weight.shape[0], form)
+  inv_std = jax.lax.rsqrt(spread)
   return centered * (inv_std * gain), (centered, sum_of_squares, inv_std,
                                        gain)
 
 
-def _standardize_columns_bwd(eps, residuals, out_grad):
+def _standardize_columns_bwd(eps, form, residuals, out_grad):
   """Autodiff's gradient of the forward, with its sums (over fan_in) as
-  matmuls. With c = W - mean, u = sum c^2, r = rsqrt(max(u, eps)),
+  matmuls. With c = W - mean, u = sum c^2, r = rsqrt(s(u)) (s: _spread),
   out = c * r * gain: dL/dgain = r sum(g c), dL/dc = g r gain + 2 c
   sum(g c) gain dr/du, dL/dW = dL/dc - mean(dL/dc)."""
   centered, sum_of_squares, inv_std, gain = residuals
   grad_scale = _column_sums(out_grad * centered)  # dL/d(inv_std * gain)
-  # d max(u, eps)/du as jnp.maximum's gradient: 1 above, 1/2 at a tie.
-  above = jnp.where(sum_of_squares > eps, 1.0,
-                    jnp.where(sum_of_squares == eps, 0.5, 0.0))
-  d_inv_std = -0.5 * inv_std**3 * above.astype(inv_std.dtype)
+  _, d_spread = _spread(sum_of_squares, eps, centered.shape[0], form)
+  d_inv_std = -0.5 * inv_std**3 * d_spread
   centered_grad = (out_grad * (inv_std * gain)
                    + centered * (2 * grad_scale * gain * d_inv_std))
   weight_grad = (centered_grad
@@ -86,13 +100,13 @@ def _standardize_columns_bwd(eps, residuals, out_grad):
 _standardize_columns.defvjp(_standardize_columns_fwd, _standardize_columns_bwd)
 
 
-def standardize_weight(weight: jax.Array, gain: jax.Array,
-                       eps: float) -> jax.Array:
+def standardize_weight(weight: jax.Array, gain: jax.Array, eps: float,
+                       form: str = 'authors') -> jax.Array:
   """`nfnets.layers.standardize_weight` with every sum over the fan-in,
   forward and backward (custom VJP), a matmul with a row of ones."""
   weight, gain = conv.match_varying(weight, gain)
   out = _standardize_columns(weight.reshape(-1, weight.shape[-1]),
-                             gain.reshape(1, -1), eps)
+                             gain.reshape(1, -1), eps, form)
   return out.reshape(weight.shape)
 
 
