@@ -146,10 +146,25 @@ def config_to_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Fields configs gained after runs may have recorded theirs, with the value
+# that computes what those runs computed: a recorded config without one of
+# them reads as having that value.
+FIELDS_ADDED_LATER = {
+    'matmul_precision': 'highest', 'deterministic': False,
+    'init_from.path': '', 'init_from.use_ema': False,
+    'init_from.new_classifier': False, 'train.accumulation_steps': 1,
+    'train.bn_sync_devices': True, 'model.ws_form': 'authors',
+    'model.padding': 'same', 'model.strided_shortcut': 'conv',
+}
+
+
 def differences(recorded: dict, current: dict) -> dict:
   """{field: [recorded value, current value]} for every field that differs,
-  except UNRECORDED_FIELDS; a missing field shows as None."""
+  except UNRECORDED_FIELDS; a missing field shows as None (or as its value
+  in FIELDS_ADDED_LATER)."""
   old, new = flatten(recorded), flatten(current)
+  old = {name: value for name, value in FIELDS_ADDED_LATER.items()
+         if name in new} | old
   return {name: [old.get(name), new.get(name)]
           for name in sorted(set(old) | set(new))
           if old.get(name) != new.get(name) and name not in UNRECORDED_FIELDS}

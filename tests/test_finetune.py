@@ -146,3 +146,19 @@ def test_init_from_a_different_network_names_the_mismatch(tmp_path_factory):
   config.init_from.update(dict(path=source_workdir + '-missing'))
   with pytest.raises(errors.UserError, match='does not exist'):
     experiment.validate_config(config)
+
+
+def test_a_run_recorded_before_new_fields_resumes_without_a_change():
+  from nfnets import workdir as workdir_lib
+  current = workdir_lib.config_to_dict(_tiny())
+  recorded = json.loads(json.dumps(current))
+  for name in ('matmul_precision', 'deterministic', 'init_from'):
+    del recorded[name]
+  for name in ('accumulation_steps', 'bn_sync_devices'):
+    del recorded['train'][name]
+  for name in ('ws_form', 'padding', 'strided_shortcut'):
+    del recorded['model'][name]
+  assert workdir_lib.differences(recorded, current) == {}
+  current['model']['padding'] = 'symmetric'
+  assert workdir_lib.differences(recorded, current) == {
+      'model.padding': ['same', 'symmetric']}
