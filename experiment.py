@@ -142,6 +142,9 @@ def _validate_config(config, device_count: int) -> None:
                      f'{config.data.random_shift_px}.')
   if config.data.name == 'cifar10':
     data.check_cifar10_config(config.data)
+  if config.data.name == 'folder':
+    data.check_folder_config(config.data, config.eval_split)
+  data.check_num_workers(config.data)
 
 
 DETERMINISTIC_XLA_FLAG = '--xla_gpu_deterministic_ops=true'
@@ -679,7 +682,7 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
       raise
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config_dict)
-    names = getattr(data, 'class_names', lambda _: None)(config.data)  # TEMP-B
+    names = data.class_names(config.data)
     if names is not None:
       workdir_lib.write_class_names(workdir, names)
 
@@ -696,6 +699,7 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
   if state is None:
     state = experiment.init_state()
   params = counting.count_params(state['params'])
+  pipeline = data.describe_pipeline(config.data, experiment.train_source)
   log(backend.describe())
   warning = backend.accelerator_warning()
   if warning:
@@ -707,7 +711,8 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
       f'{train.batch_size}'
       + (f' ({micro} micro-batches of {train.batch_size // micro})'
          if micro > 1 else '') + f', {total} steps '
-      f'({total / experiment.steps_per_epoch:.1f} epochs), workdir {workdir}, '
+      f'({total / experiment.steps_per_epoch:.1f} epochs), {pipeline}, '
+      f'workdir {workdir}, '
       + (f'resuming from step {step}.' if step else
          'from the weights above.' if config.init_from.path else
          'from scratch.'))
@@ -715,8 +720,7 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
   iterator = data.train_iterator(config.data, train.batch_size, config.seed,
                                  experiment.train_source)
-  if not config.data.num_workers or data.is_in_memory(
-      experiment.train_source):  # else grain's workers read ahead
+  if data.resolve_num_workers(config.data) == 0:  # else workers read ahead
     iterator = data.Prefetcher(iterator, _HOST_PREFETCH)
   if data_state is not None:
     iterator.set_state(data_state)
@@ -807,9 +811,7 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
         raise stop.stopped(step)
   finally:
     # Prefetcher's thread, or grain's worker processes and shared memory.
-    close_iterator = getattr(iterator, 'close', None)
-    if close_iterator is not None:
-      close_iterator()
+    data.close_iterator(iterator)
     checkpointer.close()
     writer.close()
   log(f'Done: {total} steps, {_format_duration(progress.train_seconds)} of '

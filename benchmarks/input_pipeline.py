@@ -17,6 +17,15 @@ to one core for a per-core figure:
 
 --accelerator_rate (images/s one accelerator trains at) adds how many
 cores at the measured per-core rate feed it.
+
+--eval: times whole evaluation passes (nfnets.data.eval_batches: decode,
+center crop, resize, padded batches) over --images validation JPEGs for
+each worker count (-1 = auto, resolve_num_workers), alternating over
+--rounds; worker start-up is part of every pass:
+
+  python -m benchmarks.input_pipeline --eval --images=600 --workers=0,-1,2
+
+Per-core decode rates on photo-like JPEGs: benchmarks/decode_rate.py.
 """
 
 import shutil
@@ -35,15 +44,18 @@ from tests import imagenet_fixtures
 
 _IMAGES = flags.DEFINE_integer('images', 2000, 'JPEGs to generate.')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'],
-                             'grain worker counts (0 = in this process).')
+                             'grain worker counts (0 = in this process; '
+                             '-1 = auto, --eval only).')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Output size, px.')
 _SECONDS = flags.DEFINE_float('seconds', 20, 'Measure each worker count for '
                               'this long.')
 _COMPARE = flags.DEFINE_bool('compare', False, 'Time the PIL and simplejpeg '
                              'transforms alternately instead.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, '--compare: alternating rounds '
-                               '(medians are reported).')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, '--compare, --eval: alternating '
+                               'rounds (medians are reported).')
+_EVAL = flags.DEFINE_bool('eval', False, 'Time evaluation passes per worker '
+                          'count instead.')
 _ACCELERATOR_RATE = flags.DEFINE_float(
     'accelerator_rate', 0.0, 'Train images/s of one accelerator; > 0 adds '
     'the cores needed to feed it.')
@@ -60,9 +72,11 @@ def _validate():
     raise errors.UserError(f'--image_size must be >= 1, got {_SIZE.value}.')
   if _SECONDS.value <= 0:
     raise errors.UserError(f'--seconds must be > 0, got {_SECONDS.value}.')
-  if not all(w.isdigit() for w in _WORKERS.value):
+  allowed = ('-1',) if _EVAL.value else ()
+  if not all(w.isdigit() or w in allowed for w in _WORKERS.value):
+    auto = ' (or -1 = auto)' if _EVAL.value else ''
     raise errors.UserError(f'--workers {_WORKERS.value}: expected counts '
-                           '>= 0, e.g. 0,1,2.')
+                           f'>= 0, e.g. 0,1,2{auto}.')
   if _ACCELERATOR_RATE.value < 0:
     raise errors.UserError(f'--accelerator_rate must be >= 0, got '
                            f'{_ACCELERATOR_RATE.value}.')
@@ -163,11 +177,61 @@ def _time_workers(root: str) -> None:
     print(harness.table_row([count, f'{rate:.0f}']), flush=True)
 
 
+def eval_passes() -> None:
+  """Seconds per evaluation pass per worker count, on prepared records."""
+  root = tempfile.mkdtemp(prefix='nfnets_bench_')
+  try:
+    _time_eval_passes(root)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _time_eval_passes(root: str) -> None:
+  start = time.time()
+  data_dir, _ = harness.prepare_jpegs(root, 3, num_val=_IMAGES.value)
+  print(f'prepared {_IMAGES.value} validation JPEGs in '
+        f'{time.time() - start:.0f} s; {harness.cpu_count()} CPUs usable by '
+        'this process', flush=True)
+  counts = [int(w) for w in _WORKERS.value]
+  configs = {count: ml_collections.ConfigDict(dict(
+      name='imagenet2012', data_dir=data_dir, image_size=_SIZE.value,
+      augment=True, eval_crop_fraction=0.875, num_classes=1000,
+      num_workers=count)) for count in counts}
+  sources = {count: data.get_source(configs[count], 'validation')
+             for count in counts}
+
+  def measure(case, count):
+    del case
+    begin = time.perf_counter()
+    batches = data.eval_batches(configs[count], 'validation', _BATCH.value,
+                                sources[count])
+    decoded = sum(int(batch['mask'].sum()) for batch in batches)
+    assert decoded == _IMAGES.value, decoded
+    return time.perf_counter() - begin
+
+  def after_round(round_index, seconds):
+    print(f'round {round_index + 1}/{_ROUNDS.value}: ' + ', '.join(
+        f'{count} workers {seconds["pass", count][-1]:.2f} s'
+        for count in counts), flush=True)
+
+  medians = harness.medians(harness.alternate(
+      _ROUNDS.value, ['pass'], counts, measure, after_round))
+  print('\n' + harness.markdown_table(
+      ['data.num_workers', 'workers', f's per pass ({_IMAGES.value} images, '
+       f'{_SIZE.value} px, batch {_BATCH.value})', 'images/s'],
+      [[count, data.resolve_num_workers(configs[count]),
+        f'{medians["pass", count]:.2f}',
+        f'{_IMAGES.value / medians["pass", count]:.0f}'] for count in counts]))
+  print(f'(medians of {_ROUNDS.value} alternating rounds)')
+
+
 def main(argv):
   del argv
   _validate()
   if _COMPARE.value:
     compare()
+  elif _EVAL.value:
+    eval_passes()
   else:
     workers()
 

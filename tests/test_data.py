@@ -375,3 +375,133 @@ def test_prefetcher_state_is_that_of_the_last_returned_batch():
   resumed.set_state(state)
   for expected in plain[3:]:
     np.testing.assert_array_equal(next(resumed)['images'], expected['images'])
+
+
+# --- Decode workers: how many, and evaluation decoded by them. ---
+
+
+@pytest.fixture
+def worker_rule(monkeypatch):
+  """resolve_num_workers with faked cores and processes: call
+  set_cores(n) and set_processes(list of 'same' / 'other host' /
+  'other cores' for the other processes)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data.processes_sharing_cores.cache_clear()
+  cores = {'set': set(range(2))}
+  monkeypatch.setattr(data.os, 'sched_getaffinity',
+                      lambda pid: cores['set'])
+  others = {'kinds': []}
+
+  def gather(key):
+    flipped = {'same': None, 'other host': 0, 'other cores': 2}
+    rows = [key]
+    for kind in others['kinds']:
+      row = key.copy()
+      if flipped[kind] is not None:
+        row[flipped[kind]] ^= 1
+      rows.append(row)
+    return np.stack(rows)
+
+  monkeypatch.setattr(multihost_utils, 'process_allgather', gather)
+
+  def set_processes(kinds):
+    data.processes_sharing_cores.cache_clear()
+    others['kinds'] = kinds
+    _as_process(monkeypatch, 0, 1 + len(kinds))
+
+  yield (lambda n: cores.update(set=set(range(n)))), set_processes
+  data.processes_sharing_cores.cache_clear()
+
+
+def test_auto_workers_are_the_processes_share_of_its_cores_less_one(
+    worker_rule):
+  set_cores, set_processes = worker_rule
+  auto = ml_collections.ConfigDict(dict(name='imagenet2012', num_workers=-1))
+  set_cores(16)
+  assert data.resolve_num_workers(auto) == 15
+  set_cores(112)  # a DGX H100: one process, or one per GPU
+  assert data.resolve_num_workers(auto) == 111
+  set_processes(['same'] * 7)
+  assert data.resolve_num_workers(auto) == 13
+  set_processes(['same'] * 3 + ['other host'] * 4)  # 2 hosts, 4 each
+  assert data.resolve_num_workers(auto) == 27
+  set_cores(14)  # each process pinned to 14 cores of its own
+  set_processes(['other cores'] * 7)
+  assert data.resolve_num_workers(auto) == 13
+  set_cores(1)
+  set_processes([])
+  assert data.resolve_num_workers(auto) == 1  # at least one
+  for name in data.IN_MEMORY_SOURCES:  # never workers
+    assert data.resolve_num_workers(
+        ml_collections.ConfigDict(dict(name=name, num_workers=-1))) == 0
+    assert data.resolve_num_workers(
+        ml_collections.ConfigDict(dict(name=name, num_workers=4))) == 0
+  for explicit in (0, 1, 5):
+    assert data.resolve_num_workers(ml_collections.ConfigDict(
+        dict(name='imagenet2012', num_workers=explicit))) == explicit
+  for bad in (-2, 1.5, True, '4'):
+    with pytest.raises(ValueError, match=re.escape(
+        f'data.num_workers must be -1 (one per CPU core this process may '
+        f'use, less one), 0 (decode in the training process) or a number of '
+        f'worker processes, got {bad!r}.')):
+      data.resolve_num_workers(ml_collections.ConfigDict(
+          dict(name='imagenet2012', num_workers=bad)))
+
+
+def test_eval_with_workers_gives_the_same_batches_as_without(imagenet_dir):
+  """The train split holds the corrupt image; 12 examples in batches of 5:
+  the last one has 3 rows of padding."""
+  passes = {}
+  for workers in (0, 2):
+    config = _imagenet_config(imagenet_dir, num_workers=workers)
+    before = data.CorruptImageCounter.count
+    passes[workers] = list(data.eval_batches(config, 'train', 5))
+    assert data.CorruptImageCounter.count == before + 1  # counted here
+  plain, parallel = passes[0], passes[2]
+  assert len(plain) == len(parallel) == 3
+  for a, b in zip(plain, parallel):
+    assert a.keys() == b.keys() == {'images', 'labels', 'mask'}
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  masks = np.concatenate([b['mask'] for b in plain])
+  assert masks.sum() == 11 and not masks[-3:].any()
+  labels = np.concatenate([b['labels'] for b in plain])
+  assert sorted(np.bincount(labels[masks]).tolist()) == [3, 4, 4]
+  images = np.concatenate([b['images'] for b in plain])
+  assert (images[~masks] == 0).all() and (labels[~masks] == 0).all()
+  assert len({_digest(image) for image in images[masks]}) == 11
+  # The same pixels as preprocessing each example by itself.
+  config = _imagenet_config(imagenet_dir)
+  source = data.get_source(config, 'train')
+  first = source.records[0]
+  np.testing.assert_array_equal(images[0], data.preprocess_eval(first, config))
+
+
+def test_describe_pipeline_says_what_decodes(imagenet_dir, worker_rule):
+  set_cores, _ = worker_rule
+  set_cores(4)
+  config = _imagenet_config(imagenet_dir, num_workers=-1)
+  source = data.get_source(config, 'validation')
+  assert data.stored_max_shorter_side(source) == 0  # prepared without a cap
+  assert data.describe_pipeline(config, source) == (
+      'ImageNet JPEGs, stored full-size, 3 decode workers')
+  config.num_workers = 0
+  assert data.describe_pipeline(config, source) == (
+      'ImageNet JPEGs, stored full-size, decoded in the training process')
+  mnist = ml_collections.ConfigDict(dict(name='mnist', num_workers=-1))
+  assert data.describe_pipeline(mnist, data.get_source(mnist, 'test')) == (
+      'mnist arrays in memory, batches cut in the training process')
+
+
+def test_close_iterator_stops_the_train_workers(imagenet_dir):
+  config = _imagenet_config(imagenet_dir, num_workers=1)
+  iterator = data.train_iterator(config, 4, seed=0)
+  assert next(iterator)['images'].shape == (4, 64, 64, 3)
+  data.close_iterator(iterator)
+  with pytest.raises(ValueError):  # grain's iterator is closed
+    next(iterator)
+  prefetcher = data.Prefetcher(data.train_iterator(
+      _imagenet_config(imagenet_dir), 4, seed=0))
+  next(prefetcher)
+  data.close_iterator(prefetcher)  # its thread, then grain's reader threads
+  assert prefetcher._thread is None
