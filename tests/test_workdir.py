@@ -39,7 +39,8 @@ def test_config_change_is_refused_or_recorded(trained, tmp_path):
   lines = []
   experiment.train_and_evaluate(changed, workdir, allow_config_change=True,
                                 log=lines.append)
-  assert 'resuming from step 18' in lines[0]
+  start = [line for line in lines if line.startswith('Training ')]
+  assert len(start) == 1 and 'resuming from step 18' in start[0], lines
   with open(os.path.join(workdir, workdir_lib.HISTORY_FILE)) as f:
     history = [json.loads(line) for line in f]
   assert history == [{'step': 18, 'changes': {
