@@ -27,7 +27,7 @@ it measured; gpu.md, the table, is printed at the end:
      (as benchmarks/train_loop.py), on fake in-memory data and on the real
      ImageNet pipeline (grain over array_record prepared by
      nfnets/prepare_imagenet.py from generated ILSVRC2012-layout tars of
-     natural-looking JPEGs, one grain worker per CPU core); then
+     natural-looking JPEGs, training's default worker count); then
      --eval_dtypes: Experiment.evaluate_state (what training's evaluation
      runs) over --eval_images generated validation JPEGs, decoding
      included, against the same on in-memory uint8 arrays.
@@ -66,6 +66,7 @@ from benchmarks import harness
 from nfnets import backend
 from nfnets import cli
 from nfnets import counting
+from nfnets import data as data_lib
 from nfnets import errors
 
 _REGNETS = [f'nf_regnet_b{i}' for i in range(6)]
@@ -110,7 +111,8 @@ _EVAL_DTYPES = flags.DEFINE_list(
 _EVAL_IMAGES = flags.DEFINE_integer(
     'eval_images', 1024, 'Validation JPEGs generated for the eval cases.')
 _WORKERS = flags.DEFINE_integer('num_workers', -1, 'grain workers of the jpeg '
-                                'loop; -1 = one per CPU core.')
+                                'loop; -1 = the training default '
+                                '(data.resolve_num_workers).')
 _MATMUL = flags.DEFINE_integer('matmul_size', 8192, 'N of the N x N x N bf16 '
                                'matrix product case; 0 = skip it.')
 _PEAK = flags.DEFINE_float(
@@ -283,8 +285,7 @@ def _pipeline_config(data: str, dtype: str):
     config.data.update(dict(name='fake', fake_train_size=1024,
                             fake_eval_size=256))
   else:
-    workers = _WORKERS.value if _WORKERS.value >= 0 else harness.cpu_count()
-    config.data.update(dict(name='imagenet2012', num_workers=workers,
+    config.data.update(dict(name='imagenet2012', num_workers=_WORKERS.value,
                             num_classes=1000))
     config.model.num_classes = 1000  # ImageNet's (set for any config)
     config.eval_split = 'validation'
@@ -532,8 +533,8 @@ def run_loop(case: Case, jpegs: GeneratedJpegs, deadline: float) -> dict:
     notes.append('one step timing (no time for the second)')
   step = sum(s.images_per_second for s in steps) / len(steps)
   return dict(case=case.name, kind='loop', image_size=config.data.image_size,
-              num_workers=(config.data.num_workers if case.data == 'jpeg'
-                           else 'in-memory'),
+              num_workers=(data_lib.resolve_num_workers(config.data)
+                           if case.data == 'jpeg' else 'in-memory'),
               step_images_per_second=step, step_timings=[
                   s.images_per_second for s in steps],
               # The second is small when the compilation cache worked.
