@@ -698,8 +698,16 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
 
   if state is None:
     state = experiment.init_state()
+  try:
+    train_data, data_state, note = data.resume_data_config(config.data,
+                                                           data_state)
+  except BaseException:
+    checkpointer.close()
+    raise
+  if note:
+    log(note)
   params = counting.count_params(state['params'])
-  pipeline = data.describe_pipeline(config.data, experiment.train_source)
+  pipeline = data.describe_pipeline(train_data, experiment.train_source)
   log(backend.describe())
   warning = backend.accelerator_warning()
   if warning:
@@ -718,13 +726,14 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
          'from scratch.'))
 
   writer = metric_writer.MetricWriter(workdir, resume_step=step)
-  iterator = data.train_iterator(config.data, train.batch_size, config.seed,
+  iterator = data.train_iterator(train_data, train.batch_size, config.seed,
                                  experiment.train_source)
-  if data.resolve_num_workers(config.data) == 0:  # else workers read ahead
+  if data.resolve_num_workers(train_data) == 0:  # else workers read ahead
     iterator = data.Prefetcher(iterator, _HOST_PREFETCH)
   if data_state is not None:
     iterator.set_state(data_state)
   eval_metrics = {}
+  batches = None
   try:
     if stop.should_stop(is_log_step=True):  # a signal during the start
       raise stop.stopped(step, checkpoint_written=False)
@@ -806,11 +815,18 @@ def _train(config, workdir, allow_config_change, log, stop) -> dict:
       stopping = not last and stop.should_stop(is_log_step)
       if saving or stopping:
         check_finite()
-        checkpointer.save(step, state, data_state, config_dict)
+        checkpointer.save(step, state,
+                          data.with_worker_count(data_state, train_data),
+                          config_dict)
       if stopping:
         raise stop.stopped(step)
   finally:
-    # Prefetcher's thread, or grain's worker processes and shared memory.
+    # Prefetcher's thread, or grain's worker processes and shared memory
+    # (the batches queued for the devices hold some of it).
+    # On CPU the device arrays may alias it too.
+    batch = None  # pylint: disable=unused-variable
+    if batches is not None:
+      batches.close()
     data.close_iterator(iterator)
     checkpointer.close()
     writer.close()

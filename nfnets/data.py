@@ -39,6 +39,7 @@ from PIL import Image
 import simplejpeg
 
 from nfnets import cifar10
+from nfnets import errors
 from nfnets import folder
 from nfnets import prepare_imagenet
 
@@ -643,6 +644,46 @@ def stored_max_shorter_side(source: Source) -> int | None:
   if info is None:
     return None
   return prepare_imagenet.stored_max_shorter_side(os.fspath(info.data_dir))
+
+
+# Key of the decode-worker count in a checkpoint's iterator state: grain's
+# multi-worker state is per worker, so the order of training batches (and
+# the state's layout) depends on the count.
+WORKERS_STATE_KEY = 'nfnets_decode_workers'
+
+
+def with_worker_count(iterator_state: dict, data_config) -> dict:
+  """The iterator state to checkpoint: iterator_state and the number of
+  decode workers that produced it."""
+  return iterator_state | {WORKERS_STATE_KEY: resolve_num_workers(data_config)}
+
+
+def resume_data_config(data_config, checkpoint_state: dict | None):
+  """(data_config to resume with, iterator state to restore, note or None).
+
+  A checkpoint made with another number of decode workers can only resume
+  with that number: with data.num_workers=-1 (auto) it is taken from the
+  checkpoint (the note says so); an explicit other count is a UserError
+  naming both. States without a count (older checkpoints) are taken as
+  they are."""
+  if checkpoint_state is None or WORKERS_STATE_KEY not in checkpoint_state:
+    return data_config, checkpoint_state, None
+  state = dict(checkpoint_state)
+  recorded = state.pop(WORKERS_STATE_KEY)
+  current = resolve_num_workers(data_config)
+  if recorded == current:
+    return data_config, state, None
+  if data_config.get('num_workers', AUTO_NUM_WORKERS) != AUTO_NUM_WORKERS:
+    raise errors.UserError(
+        f'The checkpoint\'s data order comes from {recorded} decode workers; '
+        f'resume with --config.data.num_workers={recorded} (or -1, which '
+        f'takes it from the checkpoint), not {current}.')
+  data_config = copy.deepcopy(data_config)
+  data_config.num_workers = recorded
+  return data_config, state, (
+      f'Resuming with the checkpoint\'s {recorded} decode workers (this '
+      f'machine\'s default would be {current}): the batch order depends on '
+      'the count.')
 
 
 def describe_pipeline(data_config, source: Source) -> str:

@@ -15,6 +15,7 @@ from PIL import Image
 import helpers
 import imagenet_fixtures
 from nfnets import data
+from nfnets import errors
 from nfnets import prepare_imagenet
 
 CORRUPT = 'n01443537_1.JPEG'
@@ -505,3 +506,27 @@ def test_close_iterator_stops_the_train_workers(imagenet_dir):
   next(prefetcher)
   data.close_iterator(prefetcher)  # its thread, then grain's reader threads
   assert prefetcher._thread is None
+
+
+def test_resume_keeps_the_checkpoints_decode_worker_count(monkeypatch):
+  # grain's state is per worker: another count cannot restore it (it fails
+  # deep inside grain), and would give another batch order anyway.
+  config = ml_collections.ConfigDict(dict(name='imagenet2012',
+                                          num_workers=3))
+  saved = data.with_worker_count({'next_index': 7}, config)
+  assert saved == {'next_index': 7, data.WORKERS_STATE_KEY: 3}
+  same, state, note = data.resume_data_config(config, saved)
+  assert same.num_workers == 3 and state == {'next_index': 7} and not note
+  config.num_workers = 2
+  with pytest.raises(errors.UserError, match=r'from 3 decode workers; resume '
+                     r'with --config.data.num_workers=3'):
+    data.resume_data_config(config, saved)
+  config.num_workers = -1  # auto: takes the checkpoint's count
+  monkeypatch.setattr(data, 'resolve_num_workers',
+                      lambda c: 5 if c.num_workers == -1 else c.num_workers)
+  resumed, state, note = data.resume_data_config(config, saved)
+  assert resumed.num_workers == 3 and config.num_workers == -1
+  assert state == {'next_index': 7} and "checkpoint's 3 decode workers" in note
+  # Checkpoints from before the count was stored: taken as they are.
+  assert data.resume_data_config(config, {'next_index': 1}) == (
+      config, {'next_index': 1}, None)
