@@ -59,6 +59,9 @@ def main(argv):
   workdir = _WORKDIR.value
   if (workdir is None) == (_WEIGHTS.value is None):
     raise errors.UserError('Give exactly one of --workdir and --weights.')
+  if _WEIGHTS.value is not None and _STEP.value is not None:
+    raise errors.UserError('--step selects a checkpoint of --workdir; a '
+                           'weights file has one set of weights.')
   if _WEIGHTS.value is not None:
     exp = experiment.Experiment(config)
     metrics = exp.evaluate_state(_weights_state(exp, _WEIGHTS.value), split)

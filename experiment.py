@@ -552,6 +552,8 @@ class Experiment:
                                                           sums)
     totals = jax.tree.map(float, totals)
     count = totals.pop('count')
+    if not count:  # every image undecodable (each one was named as skipped)
+      return {k: float('nan') for k in totals} | {'examples': 0}
     return {k: v / count for k, v in totals.items()} | {'examples': count}
 
   def evaluate_state(self, state: dict, split: str) -> dict:
@@ -625,6 +627,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   validate_config(config)
   is_main = jax.process_index() == 0
   created = paths.ensure_writable_dir(workdir, 'workdir')
+  existing = set() if created else set(os.listdir(workdir))
   try:
     lock = workdir_lib.Lock(workdir).acquire() if is_main else None
   except BaseException:
@@ -641,8 +644,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
     finally:
       stop.uninstall()
   except BaseException:
-    if created and is_main:  # refused before writing anything of value
-      workdir_lib.remove_if_unused(workdir)
+    if is_main:  # refused before writing anything of value
+      if created:
+        workdir_lib.remove_if_unused(workdir)
+      else:
+        workdir_lib.remove_new_if_unused(workdir, existing)
     raise
   finally:
     if lock:

@@ -13,6 +13,7 @@ exchange their flags (one tiny all-gather) and all stop at the first log
 step after any of them got a signal. One process checks after every step.
 """
 
+import os
 import signal
 import sys
 import threading
@@ -69,7 +70,12 @@ class StopRequest:
     print(f'Second signal ({name}): exiting now without a checkpoint; '
           'rerun the same command to resume from the last one.',
           file=sys.stderr, flush=True)
-    raise SystemExit(exit_code(signum))
+    sys.stdout.flush()
+    # At once, even while the main thread waits in a data pipeline whose
+    # threads would keep the interpreter from shutting down; the kernel
+    # releases the workdir lock, and a checkpoint being written stays an
+    # unfinished temporary folder, never read.
+    os._exit(exit_code(signum))
 
   def should_stop(self, is_log_step: bool) -> bool:
     """Whether to stop after this step; every process must call it after

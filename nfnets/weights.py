@@ -76,12 +76,19 @@ def save_weights(path: str, params, bn_state, config_dict: dict,
   if ema_params:
     tensors |= _flatten('ema_params', ema_params)
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f'Cannot create the folder of {path}: '
+                           f'{e.strerror} ({e.filename}).') from None
   partial = f'{path}.partial-{os.getpid()}'
   try:
     safetensors_numpy.save_file(tensors, partial, metadata={
         'nfnets_format': FORMAT,
         'nfnets_config': json.dumps(config_dict, sort_keys=True)})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # a file to share (the library: 0600)
     os.link(partial, path)  # fails if path appeared meanwhile: never replace
   finally:
     if os.path.exists(partial):
@@ -108,11 +115,11 @@ def _check_safetensors(path: str) -> dict:
                              f'truncated ({size:,} bytes).')
     try:
       header = json.loads(f.read(header_size))
-    except ValueError:
+      end = max((entry['data_offsets'][1] for name, entry in header.items()
+                 if name != '__metadata__'), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
       raise errors.UserError(f'{path} is not a safetensors file (its header '
-                             'is not JSON).') from None
-  end = max((entry['data_offsets'][1] for name, entry in header.items()
-             if name != '__metadata__'), default=0)
+                             'is not a safetensors tensor table).') from None
   if 8 + header_size + end > size:
     raise errors.UserError(
         f'{path} is truncated: {size:,} bytes of the {8 + header_size + end:,}'
@@ -141,11 +148,16 @@ def _read_file(path: str) -> Weights:
         f'{path} is not an nfnets weights file (format '
         f'{metadata.get("nfnets_format")!r}). Convert timm weights first: '
         'python -m tools.convert_timm (docs/pretrained.md).')
+  try:
+    config_dict = json.loads(metadata['nfnets_config'])
+  except (KeyError, ValueError):
+    raise errors.UserError(f'{path} has no readable config in its metadata; '
+                           'it is damaged or was not written by nfnets.'
+                           ) from None
   return Weights(params=_unflatten(flat, 'params'),
                  bn_state=_unflatten(flat, 'bn_state'),
                  ema_params=_unflatten(flat, 'ema_params') or None,
-                 config_dict=json.loads(metadata['nfnets_config']),
-                 source=f'weights file {path}')
+                 config_dict=config_dict, source=f'weights file {path}')
 
 
 def _read_workdir(workdir: str, warn) -> Weights:

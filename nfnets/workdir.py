@@ -52,6 +52,25 @@ def remove_if_unused(path: str) -> None:
   shutil.rmtree(path, ignore_errors=True)
 
 
+def remove_new_if_unused(path: str, before: set[str]) -> None:
+  """In a workdir that existed before this run (holding `before`, the
+  names listed at start): removes what the run added if none of it holds a
+  file of value (only the lock and empty folders), so a run refused at
+  start leaves the folder as it found it."""
+  added = set(os.listdir(path)) - before
+  for name in added:
+    full = os.path.join(path, name)
+    if name != LOCK_FILE and (not os.path.isdir(full) or any(
+        files for _, _, files in os.walk(full))):
+      return
+  for name in added:
+    full = os.path.join(path, name)
+    if os.path.isdir(full):
+      shutil.rmtree(full, ignore_errors=True)
+    else:
+      os.remove(full)
+
+
 class Lock:
   """Exclusive hold on a workdir for the life of this process (or close())."""
 

@@ -162,3 +162,36 @@ def test_a_run_recorded_before_new_fields_resumes_without_a_change():
   current['model']['padding'] = 'symmetric'
   assert workdir_lib.differences(recorded, current) == {
       'model.padding': ['same', 'symmetric']}
+
+
+def test_malformed_weights_files_are_one_line_and_files_are_shareable(
+    tmp_path, tmp_path_factory):
+  import struct
+  header = b'[1, 2, 3]'
+  (tmp_path / 'l.safetensors').write_bytes(
+      struct.pack('<Q', len(header)) + header)
+  with pytest.raises(errors.UserError, match='not a safetensors file'):
+    weights.read(str(tmp_path / 'l.safetensors'))
+  workdir, _, _ = helpers.trained_run(tmp_path_factory)
+  source = weights.read(workdir)
+  path = tmp_path / 'w.safetensors'
+  weights.save_weights(str(path), source.params, {}, source.config_dict)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(errors.UserError, match='Cannot create the folder'):
+    weights.save_weights(str(tmp_path / 'file' / 'w.safetensors'),
+                         source.params, {}, source.config_dict)
+
+
+def test_a_refused_run_leaves_an_existing_folder_as_it_was(tmp_path):
+  config = _tiny()
+  config.init_from.path = str(tmp_path / 'source')
+  os.makedirs(config.init_from.path)  # exists, but holds no checkpoints
+  workdir = tmp_path / 'mine'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  with pytest.raises(errors.UserError, match='without checkpoints'):
+    experiment.train_and_evaluate(config, str(workdir), log=lambda _: None)
+  assert sorted(os.listdir(workdir)) == ['notes.txt']
