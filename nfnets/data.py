@@ -800,8 +800,31 @@ class _ArrayBatches:
     self._position = int(state['batches_served'])
 
 
+# A training split whose first this-many images all fail to decode is not
+# a few corrupt files: stop, instead of skipping forever.
+_MAX_FAILURES_BEFORE_ANY_IMAGE = 200
+
+
+class _DecodeTally:
+  """Images decoded and skipped by this process's training pipeline."""
+  decoded = 0
+  skipped = 0
+
+
 def _preprocess_train_random(example, rng, data_config):
-  return preprocess_train(example, data_config, rng)
+  result = preprocess_train(example, data_config, rng)
+  if result is not None:
+    _DecodeTally.decoded += 1
+    return result
+  _DecodeTally.skipped += 1
+  if (not _DecodeTally.decoded
+      and _DecodeTally.skipped >= _MAX_FAILURES_BEFORE_ANY_IMAGE):
+    raise errors.UserError(
+        f'None of the first {_DecodeTally.skipped} training images could be '
+        f'decoded (data.name={data_config.name!r}, data.data_dir='
+        f'{data_config.get("data_dir")!r}): the files are not JPEG or PNG '
+        'images, or are damaged; the warnings above name the errors.')
+  return None
 
 
 class Prefetcher:

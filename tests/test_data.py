@@ -530,3 +530,20 @@ def test_resume_keeps_the_checkpoints_decode_worker_count(monkeypatch):
   # Checkpoints from before the count was stored: taken as they are.
   assert data.resume_data_config(config, {'next_index': 1}) == (
       config, {'next_index': 1}, None)
+
+
+def test_a_training_split_of_only_undecodable_files_stops(monkeypatch):
+  monkeypatch.setattr(data._DecodeTally, 'decoded', 0)
+  monkeypatch.setattr(data._DecodeTally, 'skipped', 0)
+  config = ml_collections.ConfigDict(dict(
+      name='folder', data_dir='/images', image_size=32, augment=True))
+  rng = np.random.default_rng(0)
+  example = {'image': b'not an image', 'label': 0}
+  for _ in range(data._MAX_FAILURES_BEFORE_ANY_IMAGE - 1):
+    assert data._preprocess_train_random(example, rng, config) is None
+  with pytest.raises(errors.UserError, match=r'None of the first 200 '
+                     r"training images could be decoded \(data.name='folder'"):
+    data._preprocess_train_random(example, rng, config)
+  # Once any image decoded, failures are skipped however many there are.
+  monkeypatch.setattr(data._DecodeTally, 'decoded', 1)
+  assert data._preprocess_train_random(example, rng, config) is None
