@@ -39,15 +39,15 @@ def _weights_state(exp, path: str) -> dict:
   """The train-state parts eval needs, from a weights file, checked against
   the configured model."""
   loaded = weights.read(path)
-  weights.check_same_network(loaded, exp.config.model)
   expected = exp.abstract_state()
-  mismatch = checkpointing.describe_mismatch(expected['params'],
-                                             loaded.params)
-  if mismatch:
-    raise errors.UserError(f'{path} does not fit the configured model: '
-                           f'{mismatch}.')
-  state = dict(params=loaded.params, bn_state=loaded.bn_state,
-               ema_params=loaded.ema_params or {})
+  model = exp.config.model
+  state = dict(bn_state=loaded.bn_state)
+  for name in ('params', 'ema_params'):
+    tree = getattr(loaded, name)
+    if tree:
+      state[name] = weights.in_model_layout(tree, model, expected['params'])
+      weights.check_fits(loaded, model, expected['params'], state[name])
+  state.setdefault('ema_params', {})
   print(f'Evaluating {loaded.source}.', flush=True)
   return jax.device_put(state, exp.replicated)
 

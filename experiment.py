@@ -498,9 +498,8 @@ class Experiment:
             'parameters; set --config.init_from.use_ema=False.')
       source = loaded.ema_params
     host = checkpointing.to_host(state)
-    for _, back in models.other_layouts(self.config.model):
-      if set(source) != set(host['params']):  # stored in the other layout
-        source = checkpointing.to_host(back(source))
+    source = weights_lib.in_model_layout(source, self.config.model,
+                                         host['params'])
     params, fresh = weights_lib.transplant(host['params'], source, 'params',
                                            init_from.new_classifier)
     bn_state, fresh_bn = weights_lib.transplant(

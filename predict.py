@@ -75,40 +75,6 @@ def collect_images(paths: Sequence[str]) -> list[str]:
   return list(dict.fromkeys(found))
 
 
-def _flat_shapes(tree: dict) -> dict[str, tuple]:
-  return {f'{module}/{name}': tuple(np.shape(value))
-          for module, entries in tree.items()
-          for name, value in entries.items()}
-
-
-def check_shapes(expected: dict, loaded: dict, what: str,
-                 weights: weights_lib.Weights, config) -> None:
-  """UserError naming the first (in name order) array of `loaded` that is
-  missing, extra or shaped differently from `expected` (the config's
-  model), and the model config fields in which the weights' config
-  differs. what: 'params' or 'bn_state', for the message."""
-  want, have = _flat_shapes(expected), _flat_shapes(loaded)
-  for name in sorted(set(want) | set(have)):
-    if want.get(name) == have.get(name):
-      continue
-    if name not in have:
-      mismatch = f'{what} {name} {list(want[name])} is missing from them'
-    elif name not in want:
-      mismatch = (f'they have {what} {name} {list(have[name])}, which the '
-                  'model has not')
-    else:
-      mismatch = (f'{what} {name} is {list(have[name])} there but '
-                  f'{list(want[name])} in the model')
-    changes = workdir_lib.differences(
-        {'model': weights.config_dict.get('model', {})},
-        {'model': workdir_lib.config_to_dict(config.model)})
-    hint = (f' Their model config differs (weights -> --config): '
-            f'{workdir_lib.describe(changes)}.' if changes else '')
-    raise errors.UserError(
-        f'The weights of {weights.source} do not fit the model of --config: '
-        f'{mismatch}.{hint} Use the config that trained them.')
-
-
 def eval_model(config):
   """config's model for evaluation: no cross-device BatchNorm axis."""
   model_config = copy.deepcopy(config.model)
@@ -134,11 +100,10 @@ def load_parameters(config, weights_path: str, ema: str,
   expected_params, expected_state = jax.eval_shape(
       lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)), True),
       jax.random.key(0))
-  for _, back in models.other_layouts(config.model):
-    if set(params) != set(expected_params):  # stored in the other layout
-      params = jax.tree.map(np.asarray, back(params))
-  check_shapes(expected_params, params, 'params', loaded, config)
-  check_shapes(expected_state, loaded.bn_state, 'bn_state', loaded, config)
+  params = weights_lib.in_model_layout(params, config.model, expected_params)
+  weights_lib.check_fits(loaded, config.model, expected_params, params)
+  weights_lib.check_fits(loaded, config.model, expected_state,
+                         loaded.bn_state, 'bn_state')
   what = 'EMA parameters' if use_ema else 'parameters'
   return params, loaded.bn_state, f'{what} of {loaded.source}'
 

@@ -99,9 +99,9 @@ def _check_flags() -> None:
 
 
 def start(workdir: str, log_path: str) -> subprocess.Popen:
-  """train.py in a session of its own, so that a Ctrl-C at the terminal
-  stops only this script, which then stops the run;
-  stdout and stderr to log_path."""
+  """train.py in its own process session (setsid), so that a Ctrl-C at
+  the terminal stops only this script, which then stops the run; stdout
+  and stderr to log_path."""
   with open(log_path, 'wb') as log:
     return subprocess.Popen(command(workdir), cwd=harness.ROOT, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

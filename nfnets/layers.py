@@ -424,3 +424,16 @@ def network_outputs(final: jax.Array, logits, stats, features):
     features['pooled'] = global_average_pool(final)
   outputs = [out for out in (logits, stats, features) if out is not None]
   return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def backbone_transform(make_network) -> hk.TransformedWithState:
+  """A model family's build_backbone: make_network() (its network module,
+  under the name the full model uses) called for features only, without
+  the classifier. apply(params, state, rng, images, is_training) ->
+  (features, new_state)."""
+
+  def forward(images, is_training):
+    return make_network()(images, is_training, return_features=True,
+                          with_classifier=False)
+
+  return hk.transform_with_state(forward)

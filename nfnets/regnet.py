@@ -378,10 +378,5 @@ def build_backbone(config) -> hk.TransformedWithState:
   features as docs/backbone.md; params of build(config) work as they are.
   """
   validate_config(config)
-
-  def forward(images, is_training):
-    return NFRegNet(config, name='nf_regnet')(images, is_training,
-                                              return_features=True,
-                                              with_classifier=False)
-
-  return hk.transform_with_state(forward)
+  return layers.backbone_transform(
+      lambda: NFRegNet(config, name='nf_regnet'))

@@ -458,10 +458,4 @@ def build_backbone(config) -> hk.TransformedWithState:
   features as docs/backbone.md; params of build(config) work as they are.
   """
   validate_config(config)
-
-  def forward(images, is_training):
-    return ResNet(config, name='resnet')(images, is_training,
-                                         return_features=True,
-                                         with_classifier=False)
-
-  return hk.transform_with_state(forward)
+  return layers.backbone_transform(lambda: ResNet(config, name='resnet'))

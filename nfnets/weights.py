@@ -23,6 +23,7 @@ import numpy as np
 
 from nfnets import checkpointing
 from nfnets import errors
+from nfnets import models
 
 FORMAT = 'nfnets-weights-1'
 SUFFIX = '.safetensors'
@@ -224,8 +225,9 @@ def check_same_network(weights: Weights, model_config) -> None:
     raise errors.UserError(
         f'{weights.source} was made with ' + ', '.join(changed[:4])
         + (' ...' if len(changed) > 4 else '') + '. Use the config it was '
-        'made with (converted timm weights: configs/nf_resnet50_timm.py and '
-        'its 26 / 101 variants) or set those fields to match.')
+        'made with' + (' (configs/nf_resnet50_timm.py or its 26 / 101 '
+                       'variants)' if stored.get('ws_form') == 'timm' else '')
+        + ' or set those fields to match.')
 
 
 CLASSIFIER = 'classifier'  # the Haiku module name of every model's head
@@ -281,3 +283,26 @@ def transplant(fresh: dict, loaded: dict, what: str,
              np.asarray(loaded[module][name], np.asarray(value).dtype))
       for name, value in entries.items()} for module, entries in fresh.items()}
   return tree, sorted(reinitialized)
+
+
+def in_model_layout(params: dict, model_config, expected_params: dict) -> dict:
+  """params converted to the layout of model_config's network (scanned or
+  unrolled blocks, models.other_layouts) when stored in the other one;
+  expected_params: the model's parameter tree (shapes suffice)."""
+  for _, back in models.other_layouts(model_config):
+    if set(params) != set(expected_params):
+      params = checkpointing.to_host(back(params))
+  return params
+
+
+def check_fits(weights: Weights, model_config, expected: dict, loaded: dict,
+               what: str = 'params') -> None:
+  """UserError unless `loaded` (params or bn_state of `weights`, in the
+  model's layout) can run as model_config's network, whose tree is
+  `expected` (shapes suffice): the model fields first (check_same_network),
+  then every array's name and shape."""
+  check_same_network(weights, model_config)
+  mismatch = checkpointing.describe_mismatch(expected, loaded)
+  if mismatch:
+    raise errors.UserError(f'The {what} of {weights.source} do not fit the '
+                           f'configured model: {mismatch}.')

@@ -4,6 +4,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Many tests (and their subprocesses, which inherit the environment) compile
 # the same tiny networks; XLA compilation dominates the suite's time on 2
@@ -33,3 +35,16 @@ def jitted(model):
 from nfnets.cpu import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 runtime.configure_process()
+
+
+@pytest.fixture
+def conv_impl(monkeypatch):
+  """Sets NFNETS_CONV_IMPL for one test (nfnets.ops reads it once, cached)."""
+  from nfnets import ops  # pylint: disable=g-import-not-at-top
+
+  def set_impl(value):
+    monkeypatch.setenv(ops.IMPL_ENV_VAR, value)
+    ops.configured_impl.cache_clear()
+  yield set_impl
+  monkeypatch.delenv(ops.IMPL_ENV_VAR, raising=False)
+  ops.configured_impl.cache_clear()

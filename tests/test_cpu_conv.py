@@ -220,17 +220,6 @@ def _noncanonical_convs(x_shape, w_shape, stride) -> int:
   return count(grads.jaxpr)
 
 
-@pytest.fixture
-def conv_impl(monkeypatch):
-  """Sets NFNETS_CONV_IMPL for one test (the module reads it once, cached)."""
-  def set_impl(value):
-    monkeypatch.setenv(ops.IMPL_ENV_VAR, value)
-    ops.configured_impl.cache_clear()
-  yield set_impl
-  monkeypatch.delenv(ops.IMPL_ENV_VAR, raising=False)
-  ops.configured_impl.cache_clear()
-
-
 # (x shape, kernel shape, stride, implementation under auto on CPU).
 DISPATCH = [
     ((32, 2, 2, 512), (3, 3, 512, 512), 1, 'im2col'),    # stage 4 at 64 px

@@ -163,14 +163,14 @@ def test_a_model_of_another_shape_names_the_field(run):
   wider = test_folder.tiny_config(config.data.data_dir)
   wider.model.width = 0.25
   with pytest.raises(errors.UserError,
-                     match=r'do not fit the model of --config: params resnet/'
-                     r'.* is \[.*\] there but \[.*\] in the model\. Their '
-                     r'model config differs \(weights -> --config\): '
-                     r'model.width 0.125 -> 0.25\.'):
+                     match=r'checkpoint step 20 was made with model.width '
+                     r'0.125 \(this config: 0.25\)'):
     _predict(wider, [image], workdir=workdir)
   more_classes = test_folder.tiny_config(config.data.data_dir)
   more_classes.model.num_classes = 4
-  with pytest.raises(errors.UserError, match='resnet/classifier/b is'):
+  with pytest.raises(errors.UserError,
+                     match=r"do not fit the configured model: .*different "
+                     r"shapes.*resnet/classifier'\]\['b'\]: \(4,\) vs \(3,\)"):
     _predict(more_classes, [image], workdir=workdir)
 
 

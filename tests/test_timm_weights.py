@@ -49,17 +49,6 @@ def _logits(config, params, images):
     return np.asarray(apply(params, {}, None, images, False)[0])
 
 
-@pytest.fixture
-def conv_impl(monkeypatch):
-  """Sets NFNETS_CONV_IMPL for one test (nfnets.ops reads it once)."""
-  def set_impl(value):
-    monkeypatch.setenv(ops.IMPL_ENV_VAR, value)
-    ops.configured_impl.cache_clear()
-  yield set_impl
-  monkeypatch.delenv(ops.IMPL_ENV_VAR, raising=False)
-  ops.configured_impl.cache_clear()
-
-
 @pytest.mark.parametrize('impl,block_loop', [('auto', 'unrolled'),
                                              ('plain', 'scan')])
 def test_converted_fixture_gives_timms_logits(conv_impl, impl, block_loop):
